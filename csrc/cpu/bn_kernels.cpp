@@ -1,0 +1,237 @@
+// CPU batch-norm kernels of the dense block: own loops parallelized over channels with
+// at::parallel_for, the arithmetic from common/bn_math.h. Registered for the CPU key.
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common/bn_math.h"
+#include "dense_block.h"
+
+namespace dense_ops {
+namespace {
+
+// Element (n, c, s) of a [N, C, H*W] view. The unit stride is a compile-time constant
+// (over s for NCHW, over c for channels-last) so the inner loops vectorize.
+template <typename T, bool kChannelsLast>
+struct Plane {
+  T* data;
+  int64_t stride_n, stride_c, stride_s;
+  explicit Plane(const at::Tensor& t)
+      : data(t.data_ptr<T>()), stride_n(t.stride(0)), stride_c(t.stride(1)), stride_s(t.stride(3)) {
+    TORCH_INTERNAL_ASSERT(t.size(2) == 1 || t.size(3) == 1 || t.stride(2) == t.size(3) * t.stride(3),
+                          "dense_ops: H and W strides of a kernel operand are not mergeable");
+    if (t.size(3) == 1) stride_s = t.stride(2);
+    TORCH_INTERNAL_ASSERT(kChannelsLast ? (t.size(1) == 1 || stride_c == 1) : (t.size(2) * t.size(3) == 1 || stride_s == 1),
+                          "dense_ops: kernel operand has an unexpected memory layout");
+  }
+  T& operator()(int64_t n, int64_t c, int64_t s) const {
+    return data[n * stride_n + (kChannelsLast ? c : c * stride_c) + (kChannelsLast ? s * stride_s : s)];
+  }
+};
+
+struct Extent {
+  int64_t batch, channels, spatial;
+  explicit Extent(const at::Tensor& t) : batch(t.size(0)), channels(t.size(1)), spatial(t.size(2) * t.size(3)) {}
+  int64_t per_channel() const { return batch * spatial; }
+};
+
+// Calls body(c, n, s) for every element of channels [c_begin, c_end) in memory order.
+template <bool kChannelsLast, typename Body>
+inline void visit(const Extent& e, int64_t c_begin, int64_t c_end, const Body& body) {
+  if (kChannelsLast) {
+    for (int64_t n = 0; n < e.batch; ++n)
+      for (int64_t s = 0; s < e.spatial; ++s)
+        for (int64_t c = c_begin; c < c_end; ++c) body(c, n, s);
+  } else {
+    for (int64_t c = c_begin; c < c_end; ++c)
+      for (int64_t n = 0; n < e.batch; ++n)
+        for (int64_t s = 0; s < e.spatial; ++s) body(c, n, s);
+  }
+}
+
+// Runs chunk(c_begin, c_end) in parallel over channel ranges of a useful size.
+template <typename Chunk>
+void parallel_over_channels(const Extent& e, const Chunk& chunk) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, e.per_channel()));
+  at::parallel_for(0, e.channels, grain, chunk);
+}
+
+template <typename F>
+void with_layout(bool channels_last, const F& f) {
+  if (channels_last) f(std::true_type{}); else f(std::false_type{});
+}
+
+template <typename acc_t>
+std::vector<math::BnAffine<acc_t>> affines(const BnParams& bn, int64_t c_begin, int64_t c_end) {
+  const acc_t* w = bn.weight.data_ptr<acc_t>();
+  const acc_t* b = bn.bias.data_ptr<acc_t>();
+  const acc_t* m = bn.mean.data_ptr<acc_t>();
+  const acc_t* v = bn.var.data_ptr<acc_t>();
+  std::vector<math::BnAffine<acc_t>> out;
+  out.reserve(c_end - c_begin);
+  for (int64_t c = c_begin; c < c_end; ++c) out.push_back(math::bn_affine(w[c], b[c], m[c], v[c], acc_t(bn.eps)));
+  return out;
+}
+
+// The affine of statistics only (weight 1, bias 0): x_hat = normalized(x).
+template <typename acc_t>
+std::vector<math::BnAffine<acc_t>> normalizers(const BnParams& st, int64_t c_begin, int64_t c_end) {
+  const acc_t* m = st.mean.data_ptr<acc_t>();
+  const acc_t* v = st.var.data_ptr<acc_t>();
+  std::vector<math::BnAffine<acc_t>> out;
+  out.reserve(c_end - c_begin);
+  for (int64_t c = c_begin; c < c_end; ++c) out.push_back(math::bn_affine(acc_t(1), acc_t(0), m[c], v[c], acc_t(st.eps)));
+  return out;
+}
+
+void channel_moments(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, bool channels_last) {
+  const Extent e(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_channel_moments", [&] {
+    using stat_t = at::opmath_type<scalar_t>;
+    using sum_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+    with_layout(channels_last, [&](auto layout) {
+      constexpr bool kCL = decltype(layout)::value;
+      const Plane<scalar_t, kCL> in(x);
+      stat_t* mean_out = mean.data_ptr<stat_t>();
+      stat_t* var_out = var.data_ptr<stat_t>();
+      const sum_t count = static_cast<sum_t>(e.per_channel());
+      parallel_over_channels(e, [&](int64_t c0, int64_t c1) {
+        std::vector<sum_t> sum(c1 - c0, 0), squares(c1 - c0, 0);
+        visit<kCL>(e, c0, c1, [&](int64_t c, int64_t n, int64_t s) { sum[c - c0] += static_cast<sum_t>(in(n, c, s)); });
+        for (auto& v : sum) v /= count;  // now the mean; two passes for an accurate variance
+        visit<kCL>(e, c0, c1, [&](int64_t c, int64_t n, int64_t s) {
+          const sum_t d = static_cast<sum_t>(in(n, c, s)) - sum[c - c0];
+          squares[c - c0] += d * d;
+        });
+        for (int64_t c = c0; c < c1; ++c) {
+          mean_out[c] = static_cast<stat_t>(sum[c - c0]);
+          var_out[c] = static_cast<stat_t>(squares[c - c0] / count);
+        }
+      });
+    });
+  });
+}
+
+void bn_relu_forward(const at::Tensor& x, const BnParams& bn, const at::Tensor& out, bool channels_last) {
+  const Extent e(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_relu_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_layout(channels_last, [&](auto layout) {
+      constexpr bool kCL = decltype(layout)::value;
+      const Plane<scalar_t, kCL> in(x), result(out);
+      parallel_over_channels(e, [&](int64_t c0, int64_t c1) {
+        const auto a = affines<acc_t>(bn, c0, c1);
+        visit<kCL>(e, c0, c1, [&](int64_t c, int64_t n, int64_t s) {
+          result(n, c, s) = static_cast<scalar_t>(math::bn_relu(static_cast<acc_t>(in(n, c, s)), a[c - c0]));
+        });
+      });
+    });
+  });
+}
+
+void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnParams& bn,
+                      const at::Tensor& accumulated, bool accumulate, const at::Tensor& grad_weight,
+                      const at::Tensor& grad_bias, const at::Tensor& proj_mean, const at::Tensor& proj_xhat,
+                      bool channels_last) {
+  const Extent e(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_relu_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using sum_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+    with_layout(channels_last, [&](auto layout) {
+      constexpr bool kCL = decltype(layout)::value;
+      const Plane<scalar_t, kCL> in(x), dz(grad_out);
+      const Plane<acc_t, kCL> acc(accumulated);
+      acc_t* gw = grad_weight.data_ptr<acc_t>();
+      acc_t* gb = grad_bias.data_ptr<acc_t>();
+      acc_t* pm = proj_mean.defined() ? proj_mean.data_ptr<acc_t>() : nullptr;
+      acc_t* px = proj_xhat.defined() ? proj_xhat.data_ptr<acc_t>() : nullptr;
+      const acc_t count = static_cast<acc_t>(e.per_channel());
+      parallel_over_channels(e, [&](int64_t c0, int64_t c1) {
+        const auto a = affines<acc_t>(bn, c0, c1);
+        std::vector<sum_t> sum_dy(c1 - c0, 0), sum_dy_xhat(c1 - c0, 0);
+        visit<kCL>(e, c0, c1, [&](int64_t c, int64_t n, int64_t s) {
+          const auto& af = a[c - c0];
+          const acc_t xv = static_cast<acc_t>(in(n, c, s));
+          const acc_t dy = math::relu_masked_grad(xv, static_cast<acc_t>(dz(n, c, s)), af);
+          sum_dy[c - c0] += dy;
+          sum_dy_xhat[c - c0] += dy * math::normalized(xv, af);
+          acc_t& slot = acc(n, c, s);
+          slot = (accumulate ? slot : acc_t(0)) + af.scale * dy;
+        });
+        for (int64_t c = c0; c < c1; ++c) {
+          gw[c] = static_cast<acc_t>(sum_dy_xhat[c - c0]);
+          gb[c] = static_cast<acc_t>(sum_dy[c - c0]);
+          if (pm) math::add_projections(a[c - c0].scale, gb[c], gw[c], count, pm[c], px[c]);
+        }
+      });
+    });
+  });
+}
+
+void bn_input_grad(const at::Tensor& x, const BnParams& stats, const at::Tensor& accumulated, const at::Tensor& direct,
+                   const at::Tensor& proj_mean, const at::Tensor& proj_xhat, const at::Tensor& out,
+                   bool channels_last) {
+  const Extent e(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_input_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_layout(channels_last, [&](auto layout) {
+      constexpr bool kCL = decltype(layout)::value;
+      const Plane<scalar_t, kCL> in(x), result(out);
+      const Plane<acc_t, kCL> acc(accumulated);
+      const bool has_direct = direct.defined();
+      const Plane<scalar_t, kCL> dir(has_direct ? direct : out);
+      const bool has_proj = proj_mean.defined();
+      const acc_t* pm = has_proj ? proj_mean.data_ptr<acc_t>() : nullptr;
+      const acc_t* px = has_proj ? proj_xhat.data_ptr<acc_t>() : nullptr;
+      parallel_over_channels(e, [&](int64_t c0, int64_t c1) {
+        if (!has_proj) {  // eval mode: statistics are constants
+          visit<kCL>(e, c0, c1, [&](int64_t c, int64_t n, int64_t s) {
+            const acc_t d = has_direct ? static_cast<acc_t>(dir(n, c, s)) : acc_t(0);
+            result(n, c, s) = static_cast<scalar_t>(d + acc(n, c, s));
+          });
+          return;
+        }
+        const auto norm = normalizers<acc_t>(stats, c0, c1);
+        visit<kCL>(e, c0, c1, [&](int64_t c, int64_t n, int64_t s) {
+          const acc_t d = has_direct ? static_cast<acc_t>(dir(n, c, s)) : acc_t(0);
+          const acc_t xhat = math::normalized(static_cast<acc_t>(in(n, c, s)), norm[c - c0]);
+          result(n, c, s) = static_cast<scalar_t>(math::final_input_grad(d, acc(n, c, s), xhat, pm[c], px[c]));
+        });
+      });
+    });
+  });
+}
+
+const BnKernels& cpu_kernels() {
+  static const BnKernels kernels{channel_moments, bn_relu_forward, bn_relu_backward, bn_input_grad};
+  return kernels;
+}
+
+ForwardResult forward_cpu(const at::Tensor& input, at::TensorList layer_params,
+                          const std::optional<at::Tensor>& dropout_mask, bool bottleneck, bool training,
+                          bool keep_bottleneck, double eps) {
+  return dense_block_forward(input, layer_params, dropout_mask, bottleneck, training, keep_bottleneck, eps,
+                             cpu_kernels());
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> backward_cpu(
+    const at::Tensor& grad_features, const at::Tensor& features, const at::Tensor& batch_mean,
+    const at::Tensor& batch_var, at::TensorList saved_bottleneck, const at::Tensor& bottleneck_mean,
+    const at::Tensor& bottleneck_var, at::TensorList layer_params, const std::optional<at::Tensor>& dropout_mask,
+    bool bottleneck, bool training, double eps, at::IntArrayRef layer_needs_grad, bool input_needs_grad) {
+  return dense_block_backward(grad_features, features, batch_mean, batch_var, saved_bottleneck, bottleneck_mean,
+                              bottleneck_var, layer_params, dropout_mask, bottleneck, training, eps, layer_needs_grad,
+                              input_needs_grad, cpu_kernels());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dense_ops, CPU, m) {
+  m.impl("dense_block_forward", &forward_cpu);
+  m.impl("dense_block_backward", &backward_cpu);
+  m.impl("update_running_stats", &update_running_stats);
+}
+
+}  // namespace dense_ops

@@ -1,0 +1,58 @@
+// The dense block algorithm, written once for every device; a device supplies the
+// fused batch-norm kernels (BnKernels) and ATen supplies the convolutions.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace dense_ops {
+
+// Batch-norm parameters of one layer as the kernels see them: 1-D tensors of the
+// statistics dtype (float32, or float64 for float64 input).
+struct BnParams {
+  at::Tensor weight, bias, mean, var;
+  double eps;
+};
+
+// All tensors passed to a kernel are 4-D [N, C, H, W] views laid out either NCHW-like
+// (unit stride over H*W) or channels-last (unit stride over C), as `channels_last` says.
+struct BnKernels {
+  // Biased per-channel mean and variance of x into mean[c], var[c].
+  void (*channel_moments)(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                          bool channels_last);
+  // out = relu(batch_norm(x)).
+  void (*bn_relu_forward)(const at::Tensor& x, const BnParams& bn, const at::Tensor& out, bool channels_last);
+  // The fused backward of one reader of x: dy = grad_out * relu mask; writes (or adds to)
+  // accumulated: scale * dy; writes grad_weight = sum(dy * x_hat), grad_bias = sum(dy);
+  // adds this reader's batch-statistics projections to proj_mean/proj_xhat when defined.
+  void (*bn_relu_backward)(const at::Tensor& x, const at::Tensor& grad_out, const BnParams& bn,
+                           const at::Tensor& accumulated, bool accumulate, const at::Tensor& grad_weight,
+                           const at::Tensor& grad_bias, const at::Tensor& proj_mean, const at::Tensor& proj_xhat,
+                           bool channels_last);
+  // out = direct + accumulated - proj_mean - x_hat * proj_xhat; `direct` and the
+  // projections may be undefined (no direct gradient; eval mode).
+  void (*bn_input_grad)(const at::Tensor& x, const BnParams& stats, const at::Tensor& accumulated,
+                        const at::Tensor& direct, const at::Tensor& proj_mean, const at::Tensor& proj_xhat,
+                        const at::Tensor& out, bool channels_last);
+};
+
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor>;
+
+ForwardResult dense_block_forward(const at::Tensor& input, at::TensorList layer_params,
+                                  const std::optional<at::Tensor>& dropout_mask, bool bottleneck, bool training,
+                                  bool keep_bottleneck, double eps, const BnKernels& kernels);
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> dense_block_backward(
+    const at::Tensor& grad_features, const at::Tensor& features, const at::Tensor& batch_mean,
+    const at::Tensor& batch_var, at::TensorList saved_bottleneck, const at::Tensor& bottleneck_mean,
+    const at::Tensor& bottleneck_var, at::TensorList layer_params, const std::optional<at::Tensor>& dropout_mask,
+    bool bottleneck, bool training, double eps, at::IntArrayRef layer_needs_grad, bool input_needs_grad,
+    const BnKernels& kernels);
+
+void update_running_stats(at::TensorList running_mean, at::TensorList running_var, at::TensorList batch_mean,
+                          at::TensorList batch_var, at::ArrayRef<double> momentum, int64_t count);
+
+}  // namespace dense_ops

@@ -1,0 +1,40 @@
+"""dense-ops: memory-efficient DenseNet and CondenseNet ops for PyTorch.
+
+Importing this package loads the compiled extension dense_ops._C, which registers the
+operators in torch.ops.dense_ops; it fails loudly if the build does not match torch.
+"""
+import torch
+
+
+def _load_extension():
+    try:
+        from . import _C
+    except ImportError as error:
+        raise ImportError(
+            "dense_ops: the compiled extension dense_ops._C could not be loaded "
+            f"(torch {torch.__version__}): {error}. Rebuild it against the installed torch with "
+            "`pip install --no-build-isolation .`") from error
+    built_with = _C.build_info()["torch_version"]
+    installed = torch.__version__.split("+")[0]
+    if built_with != installed:
+        raise ImportError(
+            f"dense_ops: the extension was built against torch {built_with} but torch {installed} is installed; "
+            "rebuild it with `pip install --no-build-isolation .`")
+    return _C
+
+
+_C = _load_extension()
+
+from . import ops  # noqa: E402  (registers fake kernels and autograd)
+from . import functional, reference  # noqa: E402
+from .nn import DenseBlock, DenseLayer, Transition  # noqa: E402
+from . import models  # noqa: E402
+
+
+def build_info() -> dict:
+    """What this build was compiled with: {'torch_version', 'cuda', 'cuda_version', 'cuda_archs'}."""
+    return dict(_C.build_info())
+
+
+__all__ = ["DenseBlock", "DenseLayer", "Transition", "build_info", "functional", "models", "ops", "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,100 @@
+"""Functional API: one call runs a whole dense block over the shared feature buffer."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+
+RECOMPUTE_LEVELS = ("bn_relu", "bottleneck")
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_recompute(recompute: str) -> str:
+    if recompute not in RECOMPUTE_LEVELS:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_LEVELS}, got {recompute!r}")
+    return recompute
+
+
+def _check_input(input: torch.Tensor, in_channels: int) -> None:
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() != 4:
+        raise ValueError(f"input must be a 4-D [N, C, H, W] tensor, got shape {tuple(input.shape)}")
+    if input.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"input must be float32, float64, float16 or bfloat16, got {input.dtype}")
+    if input.shape[1] != in_channels:
+        raise ValueError(f"input must have {in_channels} channels (num_input_features), got {input.shape[1]}")
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def dense_block(input: torch.Tensor, layer_params: Sequence[torch.Tensor], *, bottleneck: bool, training: bool,
+                momentum: Sequence[float] = (), eps: float = 1e-5, drop_rate: float = 0.0,
+                recompute: str = "bn_relu") -> torch.Tensor:
+    """Runs a dense block; returns [N, C0 + L*k, H, W].
+
+    layer_params holds, per layer, norm1.{weight, bias, running_mean, running_var},
+    conv1.weight and, with a bottleneck, the same for norm2/conv2 (see ops.PARAM_NAMES).
+    In training, batch statistics normalize and the running statistics are updated in
+    place with `momentum` (one factor per batch norm: all BN1 of the block, then all BN2).
+    """
+    check_recompute(recompute)
+    per_layer = ops.params_per_layer(bottleneck)
+    if len(layer_params) == 0 or len(layer_params) % per_layer:
+        raise ValueError(f"layer_params must hold {per_layer} tensors per layer, got {len(layer_params)}")
+    if not 0.0 <= drop_rate <= 1.0:
+        raise ValueError(f"drop_rate must be in [0, 1], got {drop_rate}")
+    _check_input(input, layer_params[0].shape[0])
+    num_layers = len(layer_params) // per_layer
+    if training:
+        F._verify_batch_size(input.size())
+
+    params = list(layer_params)
+    low_precision = _autocast_dtype(input.device.type)
+    if low_precision is not None and input.dtype in (torch.float32, torch.float64):
+        # Autocast runs convolutions in low precision and batch norm in float32.
+        input = input.to(low_precision)
+        params = [p.to(low_precision) if p.dim() == 4 else p for p in params]
+
+    dropout_mask = None
+    if training and drop_rate > 0:
+        n, _, h, w = input.shape
+        growth = params[-1].shape[0]
+        keep = 1.0 - drop_rate
+        dropout_mask = torch.empty((n, num_layers * growth, h, w), dtype=input.dtype, device=input.device)
+        dropout_mask = dropout_mask.bernoulli_(keep).div_(keep) if keep > 0 else dropout_mask.zero_()
+
+    needs_grad = torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in params))
+    keep_bottleneck = bottleneck and needs_grad and recompute == "bn_relu"
+    features, batch_mean, batch_var, _, bottleneck_mean, bottleneck_var = ops.dense_block_forward(
+        input, params, dropout_mask, bottleneck, training, keep_bottleneck, eps)
+
+    count = input.shape[0] * input.shape[2] * input.shape[3]
+    if training and count > 0:
+        _update_running_stats(layer_params, per_layer, batch_mean, batch_var, bottleneck_mean, bottleneck_var,
+                              momentum, count)
+    return features
+
+
+def _update_running_stats(layer_params, per_layer, batch_mean, batch_var, bottleneck_mean, bottleneck_var,
+                          momentum, count):
+    num_layers = len(layer_params) // per_layer
+    norm1 = [layer_params[l * per_layer:(l + 1) * per_layer] for l in range(num_layers)]
+    means = [p[2] for p in norm1]
+    variances = [p[3] for p in norm1]
+    batch_means = [batch_mean[:m.shape[0]] for m in means]
+    batch_vars = [batch_var[:m.shape[0]] for m in means]
+    if per_layer == 10:
+        means += [p[7] for p in norm1]
+        variances += [p[8] for p in norm1]
+        batch_means += list(bottleneck_mean.unbind(0))
+        batch_vars += list(bottleneck_var.unbind(0))
+    if len(momentum) != len(means):
+        raise ValueError(f"momentum must hold one factor per batch norm ({len(means)}), got {len(momentum)}")
+    with torch.no_grad():
+        ops.update_running_stats(means, variances, batch_means, batch_vars, [float(m) for m in momentum], count)

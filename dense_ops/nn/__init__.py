@@ -1,0 +1,3 @@
+from .dense import DenseBlock, DenseLayer, Transition
+
+__all__ = ["DenseBlock", "DenseLayer", "Transition"]

@@ -1,0 +1,114 @@
+"""Drop-in replacements for torchvision's _DenseLayer, _DenseBlock and _Transition.
+
+Same constructor signatures, same module, parameter and buffer names, so state dicts
+load both ways with strict=True; the block runs as one compiled op over a shared buffer.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import functional, ops, reference
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _layer_params(layer: nn.Module) -> list[torch.Tensor]:
+    names = ops.PARAM_NAMES if layer.bottleneck else ops.PARAM_NAMES[:5]
+    return [layer.get_parameter(n) if n.endswith(("weight", "bias")) else layer.get_buffer(n) for n in names]
+
+
+def _norms(layer: nn.Module) -> list[nn.BatchNorm2d]:
+    return [layer.norm1, layer.norm2] if layer.bottleneck else [layer.norm1]
+
+
+def _momentum_factors(norms: list[nn.BatchNorm2d]) -> list[float]:
+    """Counts one training step in every BN and returns its averaging factor, as nn.BatchNorm2d does."""
+    factors = []
+    for bn in norms:
+        bn.num_batches_tracked.add_(1)
+        factors.append(1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum)
+    return factors
+
+
+def _check_norms(norms: list[nn.BatchNorm2d]) -> float:
+    eps = norms[0].eps
+    for bn in norms:
+        if not (bn.affine and bn.track_running_stats):
+            raise ValueError("dense_ops blocks need BatchNorm2d layers with affine=True and track_running_stats=True")
+        if bn.eps != eps:
+            raise ValueError(f"all batch norms of a dense block must share one eps, got {bn.eps} and {eps}")
+    return eps
+
+
+def run_layers(layers: list[nn.Module], x: torch.Tensor, training: bool, recompute: str) -> torch.Tensor:
+    """Runs consecutive dense layers (DenseLayer or torchvision-compatible) as one block op."""
+    bottleneck = layers[0].bottleneck
+    norms1 = [l.norm1 for l in layers]
+    norms2 = [l.norm2 for l in layers] if bottleneck else []
+    eps = _check_norms(norms1 + norms2)
+    momentum = _momentum_factors(norms1 + norms2) if training else []
+    params = [t for layer in layers for t in _layer_params(layer)]
+    return functional.dense_block(x, params, bottleneck=bottleneck, training=training, momentum=momentum, eps=eps,
+                                  drop_rate=layers[0].drop_rate, recompute=recompute)
+
+
+class DenseLayer(reference.DenseLayer):
+    """torchvision's _DenseLayer (same names); forward(inputs) returns the k new channels.
+
+    `memory_efficient` is kept for signature compatibility: this layer never keeps
+    concatenations, so it changes nothing.
+    """
+
+    def __init__(self, num_input_features: int, growth_rate: int, bn_size: int | None, drop_rate: float = 0.0,
+                 memory_efficient: bool = False):
+        _check_positive("num_input_features", num_input_features)
+        _check_positive("growth_rate", growth_rate)
+        if bn_size is not None and bn_size != 0:
+            _check_positive("bn_size", bn_size)
+        super().__init__(num_input_features, growth_rate, bn_size, drop_rate)
+        self.memory_efficient = memory_efficient
+
+    def forward(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        x = torch.cat(inputs, 1) if isinstance(inputs, (list, tuple)) else inputs
+        features = run_layers([self], x, self.training, "bn_relu")
+        return features[:, x.shape[1]:]
+
+
+class DenseBlock(nn.ModuleDict):
+    """torchvision's _DenseBlock (same names) as one op over a preallocated shared buffer.
+
+    forward(x: [N, C, H, W]) -> [N, C + num_layers * growth_rate, H, W].
+    recompute="bn_relu" keeps the bottleneck outputs for backward; "bottleneck" keeps only
+    the features and recomputes conv1 too.
+    """
+
+    _version = 2
+
+    def __init__(self, num_layers: int, num_input_features: int, bn_size: int | None, growth_rate: int,
+                 drop_rate: float = 0.0, memory_efficient: bool = True, *, recompute: str = "bn_relu"):
+        super().__init__()
+        _check_positive("num_layers", num_layers)
+        self.recompute = functional.check_recompute(recompute)
+        self.memory_efficient = memory_efficient
+        for i in range(num_layers):
+            self.add_module(f"denselayer{i + 1}", DenseLayer(num_input_features + i * growth_rate, growth_rate,
+                                                             bn_size, drop_rate))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_layers(list(self.values()), x, self.training, self.recompute)
+
+    def extra_repr(self) -> str:
+        return f"recompute={self.recompute!r}"
+
+
+class Transition(reference.Transition):
+    """torchvision's _Transition: BN-ReLU-Conv1x1-AvgPool2x2 (same names)."""
+
+    def __init__(self, num_input_features: int, num_output_features: int):
+        _check_positive("num_input_features", num_input_features)
+        _check_positive("num_output_features", num_output_features)
+        super().__init__(num_input_features, num_output_features)

@@ -1,0 +1,133 @@
+"""Thin Python layer over torch.ops.dense_ops: fake kernels and autograd registration.
+
+The C++ kernels (csrc/) do the work; this module only tells PyTorch the output shapes
+of each op (for torch.compile / export / FakeTensor) and how to differentiate it.
+"""
+from __future__ import annotations
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+# Position of each parameter of a layer in the flat layer_params list (csrc/dense_block.cpp).
+PARAM_NAMES = (
+    "norm1.weight", "norm1.bias", "norm1.running_mean", "norm1.running_var", "conv1.weight",
+    "norm2.weight", "norm2.bias", "norm2.running_mean", "norm2.running_var", "conv2.weight",
+)
+RUNNING_STAT_SLOTS = frozenset({2, 3, 7, 8})
+
+
+def params_per_layer(bottleneck: bool) -> int:
+    return 10 if bottleneck else 5
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block_geometry(input, layer_params, bottleneck):
+    per_layer = params_per_layer(bottleneck)
+    num_layers = len(layer_params) // per_layer
+    growth = layer_params[(num_layers - 1) * per_layer + per_layer - 1].shape[0]
+    width = layer_params[4].shape[0] if bottleneck else 0
+    return num_layers, growth, width
+
+
+def _empty(shape, like, dtype=None, memory_format=torch.contiguous_format):
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=memory_format)
+
+
+@torch.library.register_fake("dense_ops::dense_block_forward")
+def _dense_block_forward_fake(input, layer_params, dropout_mask, bottleneck, training, keep_bottleneck, eps):
+    num_layers, growth, width = _block_geometry(input, layer_params, bottleneck)
+    n, c0, h, w = input.shape
+    fmt = suggest_memory_format(input)
+    acc = stats_dtype(input.dtype)
+    stat_channels = c0 + num_layers * growth if training else 0
+    features = _empty((n, c0 + num_layers * growth, h, w), input, memory_format=fmt)
+    saved = [_empty((n, width, h, w), input, memory_format=fmt) for _ in range(num_layers)] \
+        if (bottleneck and keep_bottleneck) else []
+    stat_width = width if training else 0
+    return (features, _empty((stat_channels,), input, acc), _empty((stat_channels,), input, acc), saved,
+            _empty((num_layers, stat_width), input, acc), _empty((num_layers, stat_width), input, acc))
+
+
+@torch.library.register_fake("dense_ops::dense_block_backward")
+def _dense_block_backward_fake(grad_features, features, batch_mean, batch_var, saved_bottleneck, bottleneck_mean,
+                               bottleneck_var, layer_params, dropout_mask, bottleneck, training, eps,
+                               layer_needs_grad, input_needs_grad):
+    per_layer = params_per_layer(bottleneck)
+    num_layers, growth, _ = _block_geometry(features, layer_params, bottleneck)
+    n, c, h, w = features.shape
+    acc = stats_dtype(features.dtype)
+    if input_needs_grad:
+        grad_input = _empty((n, c - num_layers * growth, h, w), features, memory_format=suggest_memory_format(features))
+    else:
+        grad_input = _empty((0,), features)
+    grads = []
+    for i, p in enumerate(layer_params):
+        if layer_needs_grad[i // per_layer] and i % per_layer not in RUNNING_STAT_SLOTS:
+            grads.append(torch.empty_like(p))
+        else:
+            grads.append(_empty((0,), features, acc))
+    return grad_input, grads
+
+
+@torch.library.register_fake("dense_ops::update_running_stats")
+def _update_running_stats_fake(running_mean, running_var, batch_mean, batch_var, momentum, count):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    input, layer_params, dropout_mask, bottleneck, training, keep_bottleneck, eps = inputs
+    features, batch_mean, batch_var, saved_bottleneck, bottleneck_mean, bottleneck_var = output
+    per_layer = params_per_layer(bottleneck)
+    ctx.bottleneck, ctx.training, ctx.eps = bottleneck, training, eps
+    ctx.num_params = len(layer_params)
+    ctx.num_saved = len(saved_bottleneck)
+    ctx.has_mask = dropout_mask is not None
+    ctx.input_needs_grad = input.requires_grad
+    ctx.layer_needs_grad = [
+        int(any(p.requires_grad for p in layer_params[i:i + per_layer])) for i in range(0, len(layer_params), per_layer)
+    ]
+    mask = [dropout_mask] if dropout_mask is not None else []
+    # A training step updates the running statistics in place after this op, and its
+    # backward does not read them: they are not saved.
+    saved_params = [None if training and i % per_layer in RUNNING_STAT_SLOTS else p
+                    for i, p in enumerate(layer_params)]
+    ctx.save_for_backward(features, batch_mean, batch_var, bottleneck_mean, bottleneck_var, *mask,
+                          *saved_bottleneck, *saved_params)
+
+
+def _backward(ctx, grad_features, *_unused_stat_grads):
+    features, batch_mean, batch_var, bottleneck_mean, bottleneck_var, *rest = ctx.saved_tensors
+    dropout_mask = rest.pop(0) if ctx.has_mask else None
+    saved_bottleneck, layer_params = rest[:ctx.num_saved], rest[ctx.num_saved:]
+    unused = batch_mean.new_empty((0,))
+    layer_params = [unused if p is None else p for p in layer_params]
+    if grad_features is None:
+        grad_features = torch.zeros_like(features)
+    grad_input, grad_params = torch.ops.dense_ops.dense_block_backward(
+        grad_features, features, batch_mean, batch_var, saved_bottleneck, bottleneck_mean, bottleneck_var,
+        layer_params, dropout_mask, ctx.bottleneck, ctx.training, ctx.eps, ctx.layer_needs_grad,
+        ctx.input_needs_grad)
+    per_layer = params_per_layer(ctx.bottleneck)
+    grads = [
+        g if ctx.layer_needs_grad[i // per_layer] and i % per_layer not in RUNNING_STAT_SLOTS else None
+        for i, g in enumerate(grad_params)
+    ]
+    return grad_input if ctx.input_needs_grad else None, grads, None, None, None, None, None
+
+
+torch.library.register_autograd("dense_ops::dense_block_forward", _backward, setup_context=_setup_context)
+
+
+def dense_block_forward(input, layer_params, dropout_mask, bottleneck, training, keep_bottleneck, eps):
+    """Runs the whole block; returns (features, batch_mean, batch_var, saved_bottleneck,
+    bottleneck_mean, bottleneck_var). See csrc/dense_ops.cpp for the schema."""
+    return torch.ops.dense_ops.dense_block_forward(input, layer_params, dropout_mask, bottleneck, training,
+                                                   keep_bottleneck, eps)
+
+
+def update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count):
+    """running = (1 - momentum) * running + momentum * batch (unbiased variance), in place."""
+    torch.ops.dense_ops.update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count)

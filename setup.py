@@ -1,0 +1,85 @@
+"""Builds dense_ops._C from csrc/.
+
+CPU sources always; CUDA sources too when a GPU is visible or FORCE_CUDA=1
+(a compile-only build on a GPU-less machine needs nvcc and TORCH_CUDA_ARCH_LIST).
+"""
+import glob
+import os
+import shutil
+
+
+def _locate_cuda_home():
+    """CUDA_HOME as torch.utils.cpp_extension expects it: a folder with bin/nvcc and include/."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for folder in candidates:
+        if folder and os.path.exists(os.path.join(folder, "include", "cuda_runtime.h")):
+            return folder
+    return None
+
+
+_cuda_home = _locate_cuda_home()
+if _cuda_home:
+    os.environ["CUDA_HOME"] = _cuda_home  # must be set before cpp_extension is imported
+
+import torch  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda():
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        if _cuda_home is None:
+            raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit (nvcc, include/cuda_runtime.h) was found")
+        if torch.version.cuda is None:
+            raise RuntimeError("FORCE_CUDA=1 needs a CUDA build of torch; this torch is CPU-only")
+        return True
+    return torch.cuda.is_available() and _cuda_home is not None
+
+
+def _extension():
+    with_cuda = _want_cuda()
+    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    defines = [f'-DDENSE_OPS_TORCH_VERSION="{torch.__version__.split("+")[0]}"']
+    cxx_flags = ["-O3"] + defines
+    if not with_cuda:
+        print(f"dense_ops: building the CPU extension ({len(cpp_sources)} C++ sources)")
+        return CppExtension("dense_ops._C", cpp_sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx_flags})
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # The toolkit's include folder may lack the cuBLAS/cuSPARSE headers that ATen's
+    # CUDA headers include; torch's nvidia-* wheels ship them.
+    import nvidia  # noqa: F401  (namespace package installed with CUDA builds of torch)
+    for base in getattr(nvidia, "__path__", []):
+        for wheel_include in glob.glob(os.path.join(base, "*", "include")):
+            include_dirs.append(wheel_include)
+    arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
+    print(f"dense_ops: building the CPU+CUDA extension ({len(cpp_sources)} C++, "
+          f"{len(cuda_sources)} CUDA sources; CUDA_HOME={_cuda_home}, archs {arch_list})")
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-DDENSE_OPS_WITH_CUDA",
+                  f'-DDENSE_OPS_CUDA_ARCHS="{arch_list}"'] + defines
+    return CUDAExtension("dense_ops._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
+                         extra_compile_args={"cxx": cxx_flags + ["-DDENSE_OPS_WITH_CUDA",
+                                                                 f'-DDENSE_OPS_CUDA_ARCHS="{arch_list}"'],
+                                             "nvcc": nvcc_flags})
+
+
+setup(
+    name="dense-ops",
+    version="0.1.0",
+    description="Memory-efficient DenseNet and CondenseNet ops for PyTorch (C++/CUDA)",
+    packages=find_packages(include=["dense_ops", "dense_ops.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+    install_requires=["torch"],
+    extras_require={"test": ["pytest", "hypothesis", "torchvision", "expecttest"],
+                    "bench": ["torchvision", "matplotlib", "tqdm"]},
+)
