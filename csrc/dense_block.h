@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <tuple>
@@ -54,5 +55,27 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dense_block_backward(
 
 void update_running_stats(at::TensorList running_mean, at::TensorList running_var, at::TensorList batch_mean,
                           at::TensorList batch_var, at::ArrayRef<double> momentum, int64_t count);
+
+// Registers the dense block ops for one dispatch key, bound to that device's kernels.
+template <const BnKernels& (*device_kernels)()>
+void register_dense_block_ops(torch::Library& m) {
+  m.impl("dense_block_forward",
+         [](const at::Tensor& input, at::TensorList layer_params, const std::optional<at::Tensor>& dropout_mask,
+            bool bottleneck, bool training, bool keep_bottleneck, double eps) {
+           return dense_block_forward(input, layer_params, dropout_mask, bottleneck, training, keep_bottleneck, eps,
+                                      device_kernels());
+         });
+  m.impl("dense_block_backward",
+         [](const at::Tensor& grad_features, const at::Tensor& features, const at::Tensor& batch_mean,
+            const at::Tensor& batch_var, at::TensorList saved_bottleneck, const at::Tensor& bottleneck_mean,
+            const at::Tensor& bottleneck_var, at::TensorList layer_params,
+            const std::optional<at::Tensor>& dropout_mask, bool bottleneck, bool training, double eps,
+            at::IntArrayRef layer_needs_grad, bool input_needs_grad) {
+           return dense_block_backward(grad_features, features, batch_mean, batch_var, saved_bottleneck,
+                                       bottleneck_mean, bottleneck_var, layer_params, dropout_mask, bottleneck,
+                                       training, eps, layer_needs_grad, input_needs_grad, device_kernels());
+         });
+  m.impl("update_running_stats", &update_running_stats);
+}
 
 }  // namespace dense_ops

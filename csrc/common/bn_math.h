@@ -51,16 +51,17 @@ DENSE_OPS_HOST_DEVICE acc_t bn_output(acc_t x, const BnAffine<acc_t>& a) {
   return x * a.scale + a.shift;
 }
 
+// Written as "<= 0 ? 0" so that NaN propagates, as torch.relu does.
 template <typename acc_t>
 DENSE_OPS_HOST_DEVICE acc_t bn_relu(acc_t x, const BnAffine<acc_t>& a) {
   const acc_t y = bn_output(x, a);
-  return y > acc_t(0) ? y : acc_t(0);
+  return y <= acc_t(0) ? acc_t(0) : y;
 }
 
-// dy = dz masked by the ReLU (gradient passes where y > 0, as relu's backward does).
+// dy = dz masked by the ReLU; passes wherever the output is not <= 0, as relu's backward does.
 template <typename acc_t>
 DENSE_OPS_HOST_DEVICE acc_t relu_masked_grad(acc_t x, acc_t dz, const BnAffine<acc_t>& a) {
-  return bn_output(x, a) > acc_t(0) ? dz : acc_t(0);
+  return bn_output(x, a) <= acc_t(0) ? acc_t(0) : dz;
 }
 
 template <typename acc_t>

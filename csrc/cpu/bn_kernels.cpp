@@ -209,29 +209,10 @@ const BnKernels& cpu_kernels() {
   return kernels;
 }
 
-ForwardResult forward_cpu(const at::Tensor& input, at::TensorList layer_params,
-                          const std::optional<at::Tensor>& dropout_mask, bool bottleneck, bool training,
-                          bool keep_bottleneck, double eps) {
-  return dense_block_forward(input, layer_params, dropout_mask, bottleneck, training, keep_bottleneck, eps,
-                             cpu_kernels());
-}
-
-std::tuple<at::Tensor, std::vector<at::Tensor>> backward_cpu(
-    const at::Tensor& grad_features, const at::Tensor& features, const at::Tensor& batch_mean,
-    const at::Tensor& batch_var, at::TensorList saved_bottleneck, const at::Tensor& bottleneck_mean,
-    const at::Tensor& bottleneck_var, at::TensorList layer_params, const std::optional<at::Tensor>& dropout_mask,
-    bool bottleneck, bool training, double eps, at::IntArrayRef layer_needs_grad, bool input_needs_grad) {
-  return dense_block_backward(grad_features, features, batch_mean, batch_var, saved_bottleneck, bottleneck_mean,
-                              bottleneck_var, layer_params, dropout_mask, bottleneck, training, eps, layer_needs_grad,
-                              input_needs_grad, cpu_kernels());
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dense_ops, CPU, m) {
-  m.impl("dense_block_forward", &forward_cpu);
-  m.impl("dense_block_backward", &backward_cpu);
-  m.impl("update_running_stats", &update_running_stats);
+  register_dense_block_ops<cpu_kernels>(m);
 }
 
 }  // namespace dense_ops

@@ -1,0 +1,206 @@
+"""DenseBlock against torchvision's naive block and dense_ops.reference: exact semantics."""
+import pytest
+import torch
+
+import dense_ops
+from helpers import assert_close_dicts, block_pair, naive_block, run_step
+
+F64 = dict(atol=1e-9, rtol=0.0)
+F32 = dict(atol=1e-4, rtol=1e-4)
+
+
+def out_channels(block, in_channels):
+    last = list(block.values())[-1]
+    growth = (last.conv2 if last.bottleneck else last.conv1).out_channels
+    return in_channels + len(block) * growth
+
+
+def compare(naive, ours, x, tol):
+    """One training (or eval) step of both; everything observable must agree."""
+    grad = torch.randn(x.shape[0], out_channels(ours, x.shape[1]), *x.shape[2:], dtype=x.dtype, device=x.device)
+    ref = run_step(naive, x, grad)
+    got = run_step(ours, x, grad)
+    torch.testing.assert_close(got[0], ref[0], **tol)
+    torch.testing.assert_close(got[1], ref[1], **tol)
+    assert_close_dicts(got[2], ref[2], **tol)
+    assert_close_dicts(got[3], ref[3], **tol)
+    return got
+
+
+@pytest.mark.parametrize("bn_size", [2, None], ids=["bottleneck", "basic"])
+@pytest.mark.parametrize("recompute", ["bn_relu", "bottleneck"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_matches_naive_float64(bn_size, recompute, training, channels_last):
+    naive, ours = block_pair(num_layers=4, in_channels=5, bn_size=bn_size, growth=3, recompute=recompute)
+    naive.train(training), ours.train(training)
+    x = torch.randn(3, 5, 6, 7, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = compare(naive, ours, x, F64)[0]
+    assert out.shape == (3, 5 + 4 * 3, 6, 7)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@pytest.mark.parametrize("recompute", ["bn_relu", "bottleneck"])
+def test_matches_naive_float32_over_several_steps(recompute):
+    naive, ours = block_pair(num_layers=5, in_channels=8, bn_size=4, growth=4, dtype=torch.float32,
+                             recompute=recompute)
+    for _ in range(3):  # running statistics and num_batches_tracked: updated exactly once per step
+        compare(naive, ours, torch.randn(4, 8, 5, 5), F32)
+
+
+def test_momentum_none_is_a_cumulative_average():
+    naive, ours = block_pair()
+    for block in (naive, ours):
+        for m in block.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None
+    for _ in range(2):
+        compare(naive, ours, torch.randn(2, 6, 4, 4, dtype=torch.float64), F64)
+
+
+def test_non_contiguous_input():
+    naive, ours = block_pair()
+    base = torch.randn(2, 12, 5, 9, dtype=torch.float64)
+    x = base[:, ::2, :, 1::2]  # strided over channels and width
+    assert not x.is_contiguous()
+    compare(naive, ours, x, F64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_close_to_float32(dtype):
+    naive, ours = block_pair(dtype=torch.float32)
+    ours = ours.to(dtype)
+    x = torch.randn(4, 6, 5, 5).to(dtype)
+    ref_out = naive(x.float())
+    out = ours(x)
+    assert out.dtype == dtype
+    for m in ours.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # statistics stay finite in low precision
+            assert torch.isfinite(m.running_var).all()
+    torch.testing.assert_close(out.float(), ref_out, atol=0.1, rtol=0.05)
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in ours.parameters())
+
+
+def test_dropout_keeps_or_scales_each_value():
+    # One layer: the new channels are either dropped or scaled by 1 / (1 - p).
+    p = 0.4
+    naive, ours = block_pair(num_layers=1, in_channels=4, growth=64, drop_rate=p)
+    x = torch.randn(8, 4, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        plain = naive_block(1, 4, 2, 64)
+        plain.load_state_dict(naive.state_dict())
+        expected = plain.double()(x)[:, 4:]
+        got = ours(x)[:, 4:]
+    dropped = got == 0
+    torch.testing.assert_close(got[~dropped], expected[~dropped] / (1 - p), **F64)
+    assert abs(dropped.double().mean().item() - p) < 0.02  # 18k draws: ~6 standard deviations
+    ours.eval()
+    torch.testing.assert_close(ours(x)[:, 4:], plain.eval()(x)[:, 4:], **F64)
+
+
+@pytest.mark.parametrize("recompute", ["bn_relu", "bottleneck"])
+@pytest.mark.parametrize("bn_size", [2, None], ids=["bottleneck", "basic"])
+@pytest.mark.parametrize("drop_rate", [0.0, 0.3])
+def test_gradcheck(recompute, bn_size, drop_rate):
+    _, block = block_pair(num_layers=2, in_channels=3, bn_size=bn_size, growth=2, recompute=recompute,
+                          drop_rate=drop_rate)
+    layers = list(block.values())
+    params = [t.detach().clone().requires_grad_(t.is_floating_point() and "running" not in name)
+              for layer in layers for name, t in zip(dense_ops.ops.PARAM_NAMES, dense_ops.nn.dense._layer_params(layer))]
+    x = torch.randn(3, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    momentum = [0.1] * (len(layers) * (2 if bn_size else 1))
+
+    def block_fn(x, *params):
+        torch.manual_seed(1)  # the same dropout mask at every evaluation
+        return dense_ops.functional.dense_block(x, params, bottleneck=bool(bn_size), training=True, momentum=momentum,
+                                                drop_rate=drop_rate, recompute=recompute)
+
+    assert torch.autograd.gradcheck(block_fn, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_eval_gradcheck():
+    _, block = block_pair(num_layers=2, in_channels=3, growth=2)
+    block.eval()
+    x = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(block, (x,), eps=1e-6, atol=1e-5)
+
+
+def test_frozen_layers_get_no_gradients():
+    naive, ours = block_pair(num_layers=3)
+    for block in (naive, ours):
+        block.denselayer1.requires_grad_(False)
+    x = torch.randn(2, 6, 4, 4, dtype=torch.float64)
+    grad = torch.randn(2, 6 + 3 * 4, 4, 4, dtype=torch.float64)
+    for block in (naive, ours):
+        block(x).backward(grad)
+    assert all(p.grad is None for p in ours.denselayer1.parameters())
+    for (name, p), q in zip(ours.named_parameters(), naive.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, **F64, msg=name)
+
+
+def test_eval_without_grad_keeps_nothing():
+    _, ours = block_pair(num_layers=3)
+    ours.eval()
+    with torch.no_grad():
+        x = torch.randn(2, 6, 4, 4, dtype=torch.float64)
+        _, mean, var, saved, _, _ = dense_ops.ops.dense_block_forward(
+            x, [t for l in ours.values() for t in dense_ops.nn.dense._layer_params(l)], None, True, False, False, 1e-5)
+    assert saved == [] and mean.numel() == 0 and var.numel() == 0
+
+
+def test_single_layer_module_matches_torchvision_layer():
+    from torchvision.models.densenet import _DenseLayer
+    tv = _DenseLayer(6, 4, 2, 0.0, memory_efficient=False).double()
+    ours = dense_ops.DenseLayer(6, 4, 2).double()
+    ours.load_state_dict(tv.state_dict(), strict=True)
+    inputs = [torch.randn(2, 4, 5, 5, dtype=torch.float64), torch.randn(2, 2, 5, 5, dtype=torch.float64)]
+    torch.testing.assert_close(ours(inputs), tv(inputs), **F64)
+
+
+def test_state_dict_round_trip_with_torchvision():
+    naive, ours = block_pair()
+    assert list(ours.state_dict()) == list(naive.state_dict())
+    naive.load_state_dict(ours.state_dict(), strict=True)
+
+
+def test_batch_of_one_pixel_raises_like_pytorch():
+    _, ours = block_pair()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ours(torch.randn(1, 6, 1, 1, dtype=torch.float64))
+
+
+def test_empty_batch_matches_naive():
+    naive, ours = block_pair()
+    for training in (True, False):
+        naive.train(training), ours.train(training)
+        x = torch.randn(0, 6, 4, 4, dtype=torch.float64)
+        torch.testing.assert_close(ours(x), naive(x))
+    assert_close_dicts(dict(ours.named_buffers()), dict(naive.named_buffers()), atol=0)
+
+
+def test_nan_propagates_like_naive():
+    naive, ours = block_pair()
+    x = torch.randn(2, 6, 4, 4, dtype=torch.float64)
+    x[0, 1, 2, 2] = float("nan")
+    torch.testing.assert_close(ours(x), naive(x), equal_nan=True)
+
+
+def test_build_info():
+    info = dense_ops.build_info()
+    assert info["torch_version"] == torch.__version__.split("+")[0]
+    import os
+    if os.environ.get("FORCE_CUDA") == "1":  # CI builds the CUDA sources wherever nvcc exists
+        assert info["cuda"] and info["cuda_archs"]
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("recompute", ["bn_relu", "bottleneck"])
+@pytest.mark.parametrize("training", [True, False])
+def test_cuda_matches_naive(recompute, training):
+    naive, ours = block_pair(num_layers=4, in_channels=5, growth=3, device="cuda", recompute=recompute)
+    naive.train(training), ours.train(training)
+    compare(naive, ours, torch.randn(3, 5, 6, 7, dtype=torch.float64, device="cuda"), F64)
