@@ -84,6 +84,8 @@ BlockShape check_block(const at::Tensor& input, at::TensorList params, bool bott
     if (bottleneck) {
       const int64_t b = shape.bottleneck_width;
       check_conv(param(params, bottleneck, l, kConv1Weight), b, c, "conv1.weight", l, input);
+      TORCH_CHECK(param(params, bottleneck, l, kConv1Weight).size(2) == 1, "dense_block: layer ", l,
+                  " conv1.weight of a bottleneck layer must be 1x1");
       check_vector(param(params, bottleneck, l, kNorm2Weight), b, "norm2.weight", l, input);
       check_vector(param(params, bottleneck, l, kNorm2Bias), b, "norm2.bias", l, input);
       if (with_running_stats) {
@@ -98,17 +100,14 @@ BlockShape check_block(const at::Tensor& input, at::TensorList params, bool bott
   return shape;
 }
 
-at::MemoryFormat block_memory_format(const at::Tensor& input) { return input.suggest_memory_format(); }
-
 bool is_channels_last(at::MemoryFormat format) { return format == at::MemoryFormat::ChannelsLast; }
 
-// A [N, C, H, W] tensor laid out in `format` over the first elements of a flat scratch buffer.
-at::Tensor scratch_view(const at::Tensor& scratch, const BlockShape& s, int64_t channels, at::MemoryFormat format) {
-  auto view = scratch.narrow(0, 0, s.batch * channels * s.height * s.width);
-  if (is_channels_last(format)) {
-    return view.view({s.batch, s.height, s.width, channels}).permute({0, 3, 1, 2});
-  }
-  return view.view({s.batch, channels, s.height, s.width});
+// A [batch, channels, H, W] tensor laid out in `format` over the first elements of a flat scratch buffer.
+at::Tensor scratch_view(const at::Tensor& scratch, int64_t batch, int64_t channels, int64_t height, int64_t width,
+                        at::MemoryFormat format) {
+  auto view = scratch.narrow(0, 0, batch * channels * height * width);
+  if (is_channels_last(format)) return view.view({batch, height, width, channels}).permute({0, 3, 1, 2});
+  return view.view({batch, channels, height, width});
 }
 
 at::Tensor conv(const at::Tensor& x, const at::Tensor& weight, at::MemoryFormat format) {
@@ -116,17 +115,22 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& weight, at::MemoryFormat 
   return at::convolution(x, weight, {}, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1).contiguous(format);
 }
 
-// Returns (grad_input, grad_weight); either is undefined when not asked for.
+// Returns (grad_input, grad_weight); grad_weight is undefined unless asked for.
 std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad_out, const at::Tensor& x,
-                                                 const at::Tensor& weight, bool need_input, bool need_weight,
-                                                 at::MemoryFormat format) {
+                                                 const at::Tensor& weight, bool need_weight, at::MemoryFormat format) {
   const int64_t pad = (weight.size(2) - 1) / 2;
   auto grads = at::convolution_backward(grad_out, x, weight, std::nullopt, {1, 1}, {pad, pad}, {1, 1}, false,
-                                        {0, 0}, 1, {need_input, need_weight, false});
-  at::Tensor grad_input = std::get<0>(grads);
-  if (grad_input.defined()) grad_input = grad_input.contiguous(format);
-  return {grad_input, std::get<1>(grads)};
+                                        {0, 0}, 1, {true, need_weight, false});
+  return {std::get<0>(grads).contiguous(format), std::get<1>(grads)};
 }
+
+// The [C, H*W] matrix of a one-sample [1, C, H, W] tensor, as a view in either layout
+// (transposed strides for channels-last), so that GEMM outputs land in our buffers.
+at::Tensor channel_matrix(const at::Tensor& sample) {
+  return sample.permute({0, 2, 3, 1}).view({-1, sample.size(1)}).t();
+}
+
+at::Tensor weight_matrix(const at::Tensor& weight) { return weight.view({weight.size(0), weight.size(1)}); }
 
 // Batch-norm parameters of one BN of one layer: batch statistics in training, the
 // layer's own running statistics in eval mode.
@@ -137,13 +141,8 @@ BnParams bn_params(at::TensorList params, bool bottleneck, int64_t layer, bool s
   BnParams bn;
   bn.weight = param(params, bottleneck, layer, w).to(dtype).contiguous();
   bn.bias = param(params, bottleneck, layer, b).to(dtype).contiguous();
-  if (training) {
-    bn.mean = batch_mean;
-    bn.var = batch_var;
-  } else {
-    bn.mean = param(params, bottleneck, layer, m).to(dtype).contiguous();
-    bn.var = param(params, bottleneck, layer, v).to(dtype).contiguous();
-  }
+  bn.mean = training ? batch_mean : param(params, bottleneck, layer, m).to(dtype).contiguous();
+  bn.var = training ? batch_var : param(params, bottleneck, layer, v).to(dtype).contiguous();
   bn.eps = eps;
   return bn;
 }
@@ -163,6 +162,81 @@ void check_dropout_mask(const std::optional<at::Tensor>& mask, const at::Tensor&
               "dense_block: dropout_mask must match the input's dtype and device");
 }
 
+// Per channel, once all readers of a batch norm have added their sums:
+// proj_mean += scale * sum(dy) / M and proj_xhat += scale * sum(dy * x_hat) / M (see common/bn_math.h).
+void add_projections(const BnParams& bn, const at::Tensor& sum_dy_xhat, const at::Tensor& sum_dy, int64_t count,
+                     const at::Tensor& proj_mean, const at::Tensor& proj_xhat) {
+  const at::Tensor scale = bn.weight * (bn.var + bn.eps).rsqrt() / static_cast<double>(count);
+  proj_mean.add_(scale * sum_dy);
+  proj_xhat.add_(scale * sum_dy_xhat);
+}
+
+// Everything a layer needs besides its own index: the block's buffers and settings.
+struct Block {
+  BlockShape shape;
+  at::TensorList params;
+  bool bottleneck, training, cl;
+  double eps;
+  at::MemoryFormat format;
+  at::ScalarType acc;
+  const BnKernels& kernels;
+  at::Tensor features, batch_mean, batch_var, bottleneck_mean, bottleneck_var;
+  at::Tensor scratch;  // BN1-ReLU outputs: one sample's worth with a bottleneck, the whole batch without
+
+  int64_t count() const { return shape.batch * shape.height * shape.width; }
+  at::Tensor inputs(int64_t l) const { return features.narrow(1, 0, shape.channels(l)); }
+  at::Tensor z1(int64_t l, int64_t batch) const {
+    return scratch_view(scratch, batch, shape.channels(l), shape.height, shape.width, format);
+  }
+  BnParams bn1(int64_t l) const {
+    const int64_t c = shape.channels(l);
+    return bn_params(params, bottleneck, l, false, training, prefix(batch_mean, c), prefix(batch_var, c), eps, acc);
+  }
+  BnParams bn2(int64_t l) const {
+    return bn_params(params, bottleneck, l, true, training, bottleneck_mean[l], bottleneck_var[l], eps, acc);
+  }
+  const at::Tensor& weight(int64_t l, ParamIndex which) const { return param(params, bottleneck, l, which); }
+  at::Tensor empty(int64_t channels, at::ScalarType dtype) const {
+    return at::empty({shape.batch, channels, shape.height, shape.width},
+                     features.options().dtype(dtype).memory_format(format));
+  }
+};
+
+// BN1-ReLU-conv1x1 of a bottleneck layer into `out`, one sample at a time: the BN1-ReLU
+// output is never materialized for the whole batch.
+void bottleneck_forward(const Block& b, int64_t l, const at::Tensor& out) {
+  const BnParams bn1 = b.bn1(l);
+  const at::Tensor w = weight_matrix(b.weight(l, kConv1Weight));
+  const at::Tensor x = b.inputs(l), z = b.z1(l, 1);
+  at::Tensor z_matrix = channel_matrix(z);
+  for (int64_t n = 0; n < b.shape.batch; ++n) {
+    b.kernels.bn_relu_forward(x.narrow(0, n, 1), bn1, z, b.cl);
+    at::Tensor out_matrix = channel_matrix(out.narrow(0, n, 1));
+    at::mm_out(out_matrix, w, z_matrix);
+  }
+}
+
+// The backward of bottleneck_forward, one sample at a time: recomputes the sample's
+// BN1-ReLU output, adds conv1's weight gradient, overwrites the scratch with the gradient
+// of that output and runs the fused BN1-ReLU backward into the block's accumulator.
+void bottleneck_backward(const Block& b, int64_t l, const at::Tensor& grad_out, const at::Tensor& accumulated,
+                         bool accumulate, const at::Tensor& grad_conv1, const at::Tensor& norm_sum_dy_xhat,
+                         const at::Tensor& norm_sum_dy) {
+  const BnParams bn1 = b.bn1(l);
+  const at::Tensor w = weight_matrix(b.weight(l, kConv1Weight));
+  const at::Tensor x = b.inputs(l), z = b.z1(l, 1);
+  at::Tensor z_matrix = channel_matrix(z);
+  const at::Tensor acc_inputs = accumulated.narrow(1, 0, b.shape.channels(l));
+  for (int64_t n = 0; n < b.shape.batch; ++n) {
+    const at::Tensor x_n = x.narrow(0, n, 1), grad_matrix = channel_matrix(grad_out.narrow(0, n, 1));
+    b.kernels.bn_relu_forward(x_n, bn1, z, b.cl);
+    if (grad_conv1.defined()) grad_conv1.addmm_(grad_matrix, z_matrix.t());
+    at::mm_out(z_matrix, w.t(), grad_matrix);  // z now holds the gradient of the BN1-ReLU output
+    b.kernels.bn_relu_backward(x_n, z, bn1, acc_inputs.narrow(0, n, 1), accumulate, norm_sum_dy_xhat, norm_sum_dy,
+                               b.cl);
+  }
+}
+
 }  // namespace
 
 ForwardResult dense_block_forward(const at::Tensor& input, at::TensorList params,
@@ -171,64 +245,91 @@ ForwardResult dense_block_forward(const at::Tensor& input, at::TensorList params
   const BlockShape s = check_block(input, params, bottleneck, /*with_running_stats=*/true);
   check_dropout_mask(dropout_mask, input, s);
   TORCH_CHECK(eps > 0, "dense_block: eps must be positive, got ", eps);
-  const auto format = block_memory_format(input);
-  const bool cl = is_channels_last(format);
-  const auto stat_options = input.options().dtype(stats_dtype(input.scalar_type()));
-  const int64_t stat_channels = training ? s.total_channels() : 0;
-  const int64_t stat_width = training ? s.bottleneck_width : 0;
-
-  at::Tensor features = at::empty({s.batch, s.total_channels(), s.height, s.width}, input.options().memory_format(format));
-  at::Tensor batch_mean = at::empty({stat_channels}, stat_options), batch_var = at::empty({stat_channels}, stat_options);
-  at::Tensor bottleneck_mean = at::empty({s.num_layers, stat_width}, stat_options);
-  at::Tensor bottleneck_var = at::empty({s.num_layers, stat_width}, stat_options);
+  const auto format = input.suggest_memory_format();
+  const auto acc = stats_dtype(input.scalar_type());
+  const auto stat_options = input.options().dtype(acc);
+  const int64_t stat_channels = training ? s.total_channels() : 0, stat_width = training ? s.bottleneck_width : 0;
+  Block b{s, params, bottleneck, training, is_channels_last(format), eps, format, acc, kernels};
+  b.features = at::empty({s.batch, s.total_channels(), s.height, s.width}, input.options().memory_format(format));
+  b.batch_mean = at::empty({stat_channels}, stat_options);
+  b.batch_var = at::empty({stat_channels}, stat_options);
+  b.bottleneck_mean = at::empty({s.num_layers, stat_width}, stat_options);
+  b.bottleneck_var = at::empty({s.num_layers, stat_width}, stat_options);
   std::vector<at::Tensor> saved_bottleneck;
-  if (s.batch * s.height * s.width == 0) {
-    // Nothing to compute; an empty batch has undefined (NaN) statistics, as in PyTorch.
-    batch_mean.fill_(NAN), batch_var.fill_(NAN), bottleneck_mean.fill_(NAN), bottleneck_var.fill_(NAN);
-    if (keep_bottleneck && bottleneck) {
-      for (int64_t l = 0; l < s.num_layers; ++l)
-        saved_bottleneck.push_back(at::empty({s.batch, s.bottleneck_width, s.height, s.width}, input.options().memory_format(format)));
-    }
-    return {features, batch_mean, batch_var, saved_bottleneck, bottleneck_mean, bottleneck_var};
+  if (bottleneck && keep_bottleneck) {
+    for (int64_t l = 0; l < s.num_layers; ++l) saved_bottleneck.push_back(b.empty(s.bottleneck_width, input.scalar_type()));
+  }
+  if (b.count() == 0) {  // an empty batch has undefined (NaN) statistics, as in PyTorch
+    for (auto* t : {&b.batch_mean, &b.batch_var, &b.bottleneck_mean, &b.bottleneck_var}) t->fill_(NAN);
+    return {b.features, b.batch_mean, b.batch_var, saved_bottleneck, b.bottleneck_mean, b.bottleneck_var};
   }
 
-  features.narrow(1, 0, s.in_channels).copy_(input);
+  b.features.narrow(1, 0, s.in_channels).copy_(input);
   if (training) {
-    kernels.channel_moments(features.narrow(1, 0, s.in_channels), batch_mean.narrow(0, 0, s.in_channels),
-                            batch_var.narrow(0, 0, s.in_channels), cl);
+    kernels.channel_moments(b.inputs(0), b.batch_mean.narrow(0, 0, s.in_channels),
+                            b.batch_var.narrow(0, 0, s.in_channels), b.cl);
   }
-  at::Tensor scratch = at::empty({s.batch * s.channels(s.num_layers - 1) * s.height * s.width}, input.options());
-  at::Tensor bottleneck_scratch;
+  const int64_t scratch_batch = bottleneck ? 1 : s.batch;
+  b.scratch = at::empty({scratch_batch * s.channels(s.num_layers - 1) * s.height * s.width}, input.options());
+  at::Tensor bottleneck_out, bottleneck_scratch;
   if (bottleneck) {
-    bottleneck_scratch = at::empty({s.batch, s.bottleneck_width, s.height, s.width}, input.options().memory_format(format));
+    bottleneck_scratch = b.empty(s.bottleneck_width, input.scalar_type());
+    if (!keep_bottleneck) bottleneck_out = b.empty(s.bottleneck_width, input.scalar_type());
   }
-  const auto acc = stat_options.dtype().toScalarType();
   for (int64_t l = 0; l < s.num_layers; ++l) {
-    const int64_t c = s.channels(l);
-    const at::Tensor x = features.narrow(1, 0, c);
-    const at::Tensor z1 = scratch_view(scratch, s, c, format);
-    kernels.bn_relu_forward(x, bn_params(params, bottleneck, l, false, training, prefix(batch_mean, c), prefix(batch_var, c),
-                                         eps, acc), z1, cl);
     at::Tensor new_features;
     if (bottleneck) {
-      at::Tensor b = conv(z1, param(params, bottleneck, l, kConv1Weight), format);
-      if (training) kernels.channel_moments(b, bottleneck_mean[l], bottleneck_var[l], cl);
-      kernels.bn_relu_forward(b, bn_params(params, bottleneck, l, true, training, bottleneck_mean[l], bottleneck_var[l], eps, acc),
-                              bottleneck_scratch, cl);
-      new_features = conv(bottleneck_scratch, param(params, bottleneck, l, kConv2Weight), format);
-      if (keep_bottleneck) saved_bottleneck.push_back(std::move(b));
+      const at::Tensor& out = keep_bottleneck ? saved_bottleneck[l] : bottleneck_out;
+      bottleneck_forward(b, l, out);
+      if (training) kernels.channel_moments(out, b.bottleneck_mean[l], b.bottleneck_var[l], b.cl);
+      kernels.bn_relu_forward(out, b.bn2(l), bottleneck_scratch, b.cl);
+      new_features = conv(bottleneck_scratch, b.weight(l, kConv2Weight), format);
     } else {
-      new_features = conv(z1, param(params, bottleneck, l, kConv1Weight), format);
+      const at::Tensor z1 = b.z1(l, s.batch);
+      kernels.bn_relu_forward(b.inputs(l), b.bn1(l), z1, b.cl);
+      new_features = conv(z1, b.weight(l, kConv1Weight), format);
     }
     if (dropout_mask.has_value()) new_features.mul_(dropout_mask->narrow(1, l * s.growth, s.growth));
-    const at::Tensor slot = features.narrow(1, c, s.growth);
+    const int64_t c = s.channels(l);
+    const at::Tensor slot = b.features.narrow(1, c, s.growth);
     slot.copy_(new_features);
     if (training) {
-      kernels.channel_moments(slot, batch_mean.narrow(0, c, s.growth), batch_var.narrow(0, c, s.growth), cl);
+      kernels.channel_moments(slot, b.batch_mean.narrow(0, c, s.growth), b.batch_var.narrow(0, c, s.growth), b.cl);
     }
   }
-  return {features, batch_mean, batch_var, saved_bottleneck, bottleneck_mean, bottleneck_var};
+  return {b.features, b.batch_mean, b.batch_var, saved_bottleneck, b.bottleneck_mean, b.bottleneck_var};
 }
+
+namespace {
+
+// Backward of one layer's BN2-ReLU-conv3x3 (bottleneck) given the gradient of its new
+// channels; returns the gradient of the bottleneck output and fills the layer's grads.
+at::Tensor bottleneck_output_backward(const Block& b, int64_t l, const at::Tensor& bottleneck_out,
+                                      const at::Tensor& grad_new, bool need_weights, std::vector<at::Tensor>& grads) {
+  const int64_t width = b.shape.bottleneck_width, base = l * params_per_layer(true);
+  const BnParams bn2 = b.bn2(l);
+  const at::Tensor z2 = b.empty(width, bottleneck_out.scalar_type());
+  b.kernels.bn_relu_forward(bottleneck_out, bn2, z2, b.cl);
+  auto [grad_z2, grad_conv2] = conv_backward(grad_new, z2, b.weight(l, kConv2Weight), need_weights, b.format);
+  at::Tensor accumulated = b.empty(width, b.acc);
+  at::Tensor sum_dy_xhat = at::zeros({width}, accumulated.options()), sum_dy = at::zeros({width}, accumulated.options());
+  b.kernels.bn_relu_backward(bottleneck_out, grad_z2, bn2, accumulated, false, sum_dy_xhat, sum_dy, b.cl);
+  at::Tensor proj_mean, proj_xhat;
+  if (b.training) {
+    proj_mean = at::zeros({width}, accumulated.options()), proj_xhat = at::zeros({width}, accumulated.options());
+    add_projections(bn2, sum_dy_xhat, sum_dy, b.count(), proj_mean, proj_xhat);
+  }
+  at::Tensor grad_bottleneck = z2;  // z2 is no longer needed
+  b.kernels.bn_input_grad(bottleneck_out, bn2, accumulated, at::Tensor(), proj_mean, proj_xhat, grad_bottleneck, b.cl);
+  if (need_weights) {
+    grads[base + kConv2Weight] = grad_conv2;
+    grads[base + kNorm2Weight] = sum_dy_xhat.to(b.weight(l, kNorm2Weight).scalar_type());
+    grads[base + kNorm2Bias] = sum_dy.to(b.weight(l, kNorm2Bias).scalar_type());
+  }
+  return grad_bottleneck;
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> dense_block_backward(
     const at::Tensor& grad_features, const at::Tensor& features, const at::Tensor& batch_mean,
@@ -244,8 +345,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dense_block_backward(
   const int64_t growth = param(params, bottleneck, num_layers - 1, bottleneck ? kConv2Weight : kConv1Weight).size(0);
   const int64_t in_channels = features.size(1) - num_layers * growth;
   TORCH_CHECK(in_channels > 0, "dense_block_backward: features has too few channels for ", num_layers, " layers");
-  const at::Tensor input_like = features.narrow(1, 0, in_channels);
-  const BlockShape s = check_block(input_like, params, bottleneck, /*with_running_stats=*/!training);
+  const BlockShape s = check_block(features.narrow(1, 0, in_channels), params, bottleneck, /*with_running_stats=*/!training);
   TORCH_CHECK(grad_features.sizes() == features.sizes(), "dense_block_backward: grad_features must have shape ",
               features.sizes(), ", got ", grad_features.sizes());
   TORCH_CHECK(static_cast<int64_t>(layer_needs_grad.size()) == s.num_layers,
@@ -253,133 +353,96 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dense_block_backward(
   const bool keep_bottleneck = !saved_bottleneck.empty();
   TORCH_CHECK(!keep_bottleneck || static_cast<int64_t>(saved_bottleneck.size()) == s.num_layers,
               "dense_block_backward: saved_bottleneck must be empty or hold one tensor per layer");
+  TORCH_CHECK(!training || (batch_mean.numel() == s.total_channels() && batch_var.numel() == s.total_channels()),
+              "dense_block_backward: batch_mean and batch_var must hold ", s.total_channels(), " statistics");
   check_dropout_mask(dropout_mask, features, s);
 
-  const auto format = block_memory_format(features);
-  const bool cl = is_channels_last(format);
-  const auto options = features.options();
+  const auto format = features.suggest_memory_format();
   const auto acc = stats_dtype(features.scalar_type());
-  const auto acc_options = options.dtype(acc);
-
-  std::vector<at::Tensor> grad_params(params.size());
-  for (auto& g : grad_params) g = at::empty({0}, acc_options);
-  at::Tensor grad_input = at::empty({s.batch, s.in_channels, s.height, s.width}, options.memory_format(format));
-  if (features.numel() == 0) {
+  Block b{s, params, bottleneck, training, is_channels_last(format), eps, format, acc, kernels,
+          features, batch_mean, batch_var, bottleneck_mean, bottleneck_var};
+  const auto acc_options = features.options().dtype(acc);
+  std::vector<at::Tensor> grads(params.size());
+  for (auto& g : grads) g = at::empty({0}, acc_options);
+  at::Tensor grad_input = input_needs_grad ? b.empty(s.in_channels, features.scalar_type()) : at::empty({0}, features.options());
+  if (b.count() == 0) {
     grad_input.zero_();
-    for (int64_t l = 0; l < s.num_layers; ++l) {
-      if (!layer_needs_grad[l]) continue;
-      for (int64_t i = 0; i < per_layer; ++i) {
-        if (i == kNorm1Mean || i == kNorm1Var || i == kNorm2Mean || i == kNorm2Var) continue;
-        grad_params[l * per_layer + i] = at::zeros_like(params[l * per_layer + i]);
-      }
+    for (int64_t i = 0; i < static_cast<int64_t>(params.size()); ++i) {
+      const int64_t slot = i % per_layer;
+      const bool running = slot == kNorm1Mean || slot == kNorm1Var || slot == kNorm2Mean || slot == kNorm2Var;
+      if (layer_needs_grad[i / per_layer] && !running) grads[i] = at::zeros_like(params[i]);
     }
-    return {grad_input, grad_params};
+    return {grad_input, grads};
   }
 
   // Layers below the lowest one that needs gradients are skipped when the input needs none.
   int64_t lowest_layer = 0;
   if (!input_needs_grad) {
     lowest_layer = s.num_layers;
-    for (int64_t l = 0; l < s.num_layers; ++l) {
-      if (layer_needs_grad[l]) { lowest_layer = l; break; }
+    for (int64_t l = s.num_layers - 1; l >= 0; --l) {
+      if (layer_needs_grad[l]) lowest_layer = l;
     }
   }
 
   const at::Tensor grad = grad_features.contiguous(format);
   const int64_t max_channels = s.channels(s.num_layers - 1);
-  at::Tensor accumulated = at::empty({s.batch, max_channels, s.height, s.width}, acc_options.memory_format(format));
-  at::Tensor proj_mean, proj_xhat, proj2_mean, proj2_xhat;
-  if (training) {
-    proj_mean = at::zeros({max_channels}, acc_options);
-    proj_xhat = at::zeros({max_channels}, acc_options);
-    proj2_mean = at::empty({s.bottleneck_width}, acc_options);
-    proj2_xhat = at::empty({s.bottleneck_width}, acc_options);
-  }
+  // scale * dy summed over every reader of each channel, and the two projections.
+  const at::Tensor accumulated = b.empty(max_channels, acc);
+  at::Tensor proj_mean, proj_xhat;
+  if (training) proj_mean = at::zeros({max_channels}, acc_options), proj_xhat = at::zeros({max_channels}, acc_options);
   auto slice = [](const at::Tensor& t, int64_t start, int64_t length) {
-    return t.defined() && t.numel() > 0 ? t.narrow(0, start, length) : at::Tensor();
+    return t.defined() ? t.narrow(0, start, length) : t;
   };
-  auto stats_slice = [&](int64_t start, int64_t length) {
-    BnParams st;
-    st.mean = batch_mean.narrow(0, start, length);
-    st.var = batch_var.narrow(0, start, length);
-    st.eps = eps;
-    return st;
+  auto statistics = [&](int64_t start, int64_t length) {
+    return training ? BnParams{{}, {}, batch_mean.narrow(0, start, length), batch_var.narrow(0, start, length), eps}
+                    : BnParams{};
   };
-  at::Tensor scratch = at::empty({s.batch * max_channels * s.height * s.width}, options);
-  at::Tensor bottleneck_scratch;
-  if (bottleneck) {
-    bottleneck_scratch = at::empty({s.batch, s.bottleneck_width, s.height, s.width}, options.memory_format(format));
-  }
+  b.scratch = at::empty({(bottleneck ? 1 : s.batch) * max_channels * s.height * s.width}, features.options());
+  at::Tensor recomputed_bottleneck;
+  if (bottleneck && !keep_bottleneck) recomputed_bottleneck = b.empty(s.bottleneck_width, features.scalar_type());
 
   for (int64_t l = s.num_layers - 1; l >= lowest_layer; --l) {
-    const int64_t c = s.channels(l);
-    const bool need_weights = layer_needs_grad[l] != 0;
-    // The gradient of this layer's new channels is final: later layers have all added to it.
+    const int64_t c = s.channels(l), base = l * per_layer;
+    const bool need_weights = layer_needs_grad[l] != 0, accumulate = l < s.num_layers - 1;
+    // The gradient of this layer's new channels is final: every later reader has added to it.
     at::Tensor grad_new = grad.narrow(1, c, s.growth);
-    if (l < s.num_layers - 1) {
-      at::Tensor finalized = at::empty({s.batch, s.growth, s.height, s.width}, options.memory_format(format));
-      BnParams st = training ? stats_slice(c, s.growth) : BnParams{};
-      kernels.bn_input_grad(features.narrow(1, c, s.growth), st, accumulated.narrow(1, c, s.growth), grad_new,
-                            slice(proj_mean, c, s.growth), slice(proj_xhat, c, s.growth), finalized, cl);
+    if (accumulate) {
+      at::Tensor finalized = b.empty(s.growth, features.scalar_type());
+      kernels.bn_input_grad(features.narrow(1, c, s.growth), statistics(c, s.growth), accumulated.narrow(1, c, s.growth),
+                            grad_new, slice(proj_mean, c, s.growth), slice(proj_xhat, c, s.growth), finalized, b.cl);
       grad_new = finalized;
     }
     if (dropout_mask.has_value()) grad_new = grad_new * dropout_mask->narrow(1, l * s.growth, s.growth);
 
-    const at::Tensor x = features.narrow(1, 0, c);
-    const at::Tensor z1 = scratch_view(scratch, s, c, format);
-    const BnParams bn1 = bn_params(params, bottleneck, l, false, training, prefix(batch_mean, c),
-                                   prefix(batch_var, c), eps, acc);
-    kernels.bn_relu_forward(x, bn1, z1, cl);
-    at::Tensor grad_z1;
-    auto& grads = grad_params;
-    const int64_t base = l * per_layer;
+    at::Tensor sum_dy_xhat = at::zeros({c}, acc_options), sum_dy = at::zeros({c}, acc_options);
     if (bottleneck) {
-      const at::Tensor& conv1_weight = param(params, bottleneck, l, kConv1Weight);
-      const at::Tensor b = keep_bottleneck ? saved_bottleneck[l] : conv(z1, conv1_weight, format);
-      const BnParams bn2 = bn_params(params, bottleneck, l, true, training, bottleneck_mean[l], bottleneck_var[l], eps, acc);
-      kernels.bn_relu_forward(b, bn2, bottleneck_scratch, cl);
-      auto [grad_z2, grad_w2] = conv_backward(grad_new, bottleneck_scratch, param(params, bottleneck, l, kConv2Weight),
-                                              true, need_weights, format);
-      at::Tensor accumulated2 = at::empty(b.sizes(), acc_options.memory_format(format));
-      at::Tensor grad_norm2_weight = at::empty({s.bottleneck_width}, acc_options);
-      at::Tensor grad_norm2_bias = at::empty({s.bottleneck_width}, acc_options);
-      if (training) proj2_mean.zero_(), proj2_xhat.zero_();
-      kernels.bn_relu_backward(b, grad_z2, bn2, accumulated2, false, grad_norm2_weight, grad_norm2_bias, proj2_mean,
-                               proj2_xhat, cl);
-      at::Tensor grad_b = at::empty(b.sizes(), options.memory_format(format));
-      kernels.bn_input_grad(b, bn2, accumulated2, at::Tensor(), proj2_mean, proj2_xhat, grad_b, cl);
-      accumulated2.reset();
-      auto [gz1, grad_w1] = conv_backward(grad_b, z1, conv1_weight, true, need_weights, format);
-      grad_z1 = gz1;
-      if (need_weights) {
-        grads[base + kConv2Weight] = grad_w2;
-        grads[base + kConv1Weight] = grad_w1;
-        grads[base + kNorm2Weight] = grad_norm2_weight.to(param(params, bottleneck, l, kNorm2Weight).scalar_type());
-        grads[base + kNorm2Bias] = grad_norm2_bias.to(param(params, bottleneck, l, kNorm2Bias).scalar_type());
-      }
+      const at::Tensor& out = keep_bottleneck ? saved_bottleneck[l] : recomputed_bottleneck;
+      if (!keep_bottleneck) bottleneck_forward(b, l, out);
+      const at::Tensor grad_bottleneck = bottleneck_output_backward(b, l, out, grad_new, need_weights, grads);
+      at::Tensor grad_conv1;
+      if (need_weights) grad_conv1 = at::zeros({s.bottleneck_width, c}, features.options());
+      bottleneck_backward(b, l, grad_bottleneck, accumulated, accumulate, grad_conv1, sum_dy_xhat, sum_dy);
+      if (need_weights) grads[base + kConv1Weight] = grad_conv1.view(b.weight(l, kConv1Weight).sizes());
     } else {
-      auto [gz1, grad_w1] = conv_backward(grad_new, z1, param(params, bottleneck, l, kConv1Weight), true,
-                                          need_weights, format);
-      grad_z1 = gz1;
-      if (need_weights) grads[base + kConv1Weight] = grad_w1;
+      const at::Tensor z1 = b.z1(l, s.batch);
+      kernels.bn_relu_forward(b.inputs(l), b.bn1(l), z1, b.cl);
+      auto [grad_z1, grad_conv1] = conv_backward(grad_new, z1, b.weight(l, kConv1Weight), need_weights, format);
+      kernels.bn_relu_backward(b.inputs(l), grad_z1, b.bn1(l), accumulated.narrow(1, 0, c), accumulate, sum_dy_xhat,
+                               sum_dy, b.cl);
+      if (need_weights) grads[base + kConv1Weight] = grad_conv1;
     }
-    at::Tensor grad_norm1_weight = at::empty({c}, acc_options), grad_norm1_bias = at::empty({c}, acc_options);
-    kernels.bn_relu_backward(x, grad_z1, bn1, accumulated.narrow(1, 0, c), l < s.num_layers - 1, grad_norm1_weight,
-                             grad_norm1_bias, slice(proj_mean, 0, c), slice(proj_xhat, 0, c), cl);
+    if (training) add_projections(b.bn1(l), sum_dy_xhat, sum_dy, b.count(), proj_mean.narrow(0, 0, c), proj_xhat.narrow(0, 0, c));
     if (need_weights) {
-      grads[base + kNorm1Weight] = grad_norm1_weight.to(param(params, bottleneck, l, kNorm1Weight).scalar_type());
-      grads[base + kNorm1Bias] = grad_norm1_bias.to(param(params, bottleneck, l, kNorm1Bias).scalar_type());
+      grads[base + kNorm1Weight] = sum_dy_xhat.to(b.weight(l, kNorm1Weight).scalar_type());
+      grads[base + kNorm1Bias] = sum_dy.to(b.weight(l, kNorm1Bias).scalar_type());
     }
   }
   if (input_needs_grad) {
-    BnParams st = training ? stats_slice(0, s.in_channels) : BnParams{};
-    kernels.bn_input_grad(features.narrow(1, 0, s.in_channels), st, accumulated.narrow(1, 0, s.in_channels),
-                          grad.narrow(1, 0, s.in_channels), slice(proj_mean, 0, s.in_channels),
-                          slice(proj_xhat, 0, s.in_channels), grad_input, cl);
-  } else {
-    grad_input = at::empty({0}, options);
+    kernels.bn_input_grad(b.inputs(0), statistics(0, s.in_channels),
+                          accumulated.narrow(1, 0, s.in_channels), grad.narrow(1, 0, s.in_channels),
+                          slice(proj_mean, 0, s.in_channels), slice(proj_xhat, 0, s.in_channels), grad_input, b.cl);
   }
-  return {grad_input, grad_params};
+  return {grad_input, grads};
 }
 
 void update_running_stats(at::TensorList running_mean, at::TensorList running_var, at::TensorList batch_mean,

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -27,12 +28,10 @@ struct BnKernels {
   // out = relu(batch_norm(x)).
   void (*bn_relu_forward)(const at::Tensor& x, const BnParams& bn, const at::Tensor& out, bool channels_last);
   // The fused backward of one reader of x: dy = grad_out * relu mask; writes (or adds to)
-  // accumulated: scale * dy; writes grad_weight = sum(dy * x_hat), grad_bias = sum(dy);
-  // adds this reader's batch-statistics projections to proj_mean/proj_xhat when defined.
+  // accumulated: scale * dy; adds sum(dy * x_hat) and sum(dy) to sum_dy_xhat and sum_dy.
   void (*bn_relu_backward)(const at::Tensor& x, const at::Tensor& grad_out, const BnParams& bn,
-                           const at::Tensor& accumulated, bool accumulate, const at::Tensor& grad_weight,
-                           const at::Tensor& grad_bias, const at::Tensor& proj_mean, const at::Tensor& proj_xhat,
-                           bool channels_last);
+                           const at::Tensor& accumulated, bool accumulate, const at::Tensor& sum_dy_xhat,
+                           const at::Tensor& sum_dy, bool channels_last);
   // out = direct + accumulated - proj_mean - x_hat * proj_xhat; `direct` and the
   // projections may be undefined (no direct gradient; eval mode).
   void (*bn_input_grad)(const at::Tensor& x, const BnParams& stats, const at::Tensor& accumulated,
@@ -62,6 +61,7 @@ void register_dense_block_ops(torch::Library& m) {
   m.impl("dense_block_forward",
          [](const at::Tensor& input, at::TensorList layer_params, const std::optional<at::Tensor>& dropout_mask,
             bool bottleneck, bool training, bool keep_bottleneck, double eps) {
+           const at::AutoDispatchBelowADInplaceOrView below_autograd;  // our internal ATen calls are not recorded
            return dense_block_forward(input, layer_params, dropout_mask, bottleneck, training, keep_bottleneck, eps,
                                       device_kernels());
          });
@@ -71,6 +71,7 @@ void register_dense_block_ops(torch::Library& m) {
             const at::Tensor& bottleneck_var, at::TensorList layer_params,
             const std::optional<at::Tensor>& dropout_mask, bool bottleneck, bool training, double eps,
             at::IntArrayRef layer_needs_grad, bool input_needs_grad) {
+           const at::AutoDispatchBelowADInplaceOrView below_autograd;
            return dense_block_backward(grad_features, features, batch_mean, batch_var, saved_bottleneck,
                                        bottleneck_mean, bottleneck_var, layer_params, dropout_mask, bottleneck,
                                        training, eps, layer_needs_grad, input_needs_grad, device_kernels());

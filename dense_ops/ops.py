@@ -81,6 +81,10 @@ def _setup_context(ctx, inputs, output):
     input, layer_params, dropout_mask, bottleneck, training, keep_bottleneck, eps = inputs
     features, batch_mean, batch_var, saved_bottleneck, bottleneck_mean, bottleneck_var = output
     per_layer = params_per_layer(bottleneck)
+    # Only the features are differentiable; never materialize zero gradients for the rest
+    # (the saved bottleneck outputs alone are as large as a quarter of a naive block).
+    ctx.mark_non_differentiable(batch_mean, batch_var, bottleneck_mean, bottleneck_var, *saved_bottleneck)
+    ctx.set_materialize_grads(False)
     ctx.bottleneck, ctx.training, ctx.eps = bottleneck, training, eps
     ctx.num_params = len(layer_params)
     ctx.num_saved = len(saved_bottleneck)
@@ -99,6 +103,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_features, *_unused_stat_grads):
+    if torch.is_grad_enabled():
+        raise NotImplementedError("dense_ops: double backward (create_graph=True) through a dense block is not supported")
     features, batch_mean, batch_var, bottleneck_mean, bottleneck_var, *rest = ctx.saved_tensors
     dropout_mask = rest.pop(0) if ctx.has_mask else None
     saved_bottleneck, layer_params = rest[:ctx.num_saved], rest[ctx.num_saved:]

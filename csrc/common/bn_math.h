@@ -6,8 +6,9 @@
 // With batch statistics the input gradient is
 //   dx = scale * dy - scale * sum(dy) / M - x_hat * scale * sum(dy * x_hat) / M.
 // Every layer that reads channel c shares its batch statistics, so the three terms are
-// accumulated over all readers (scale * dy into one gradient buffer, the two per-channel
-// projections into two small vectors) and combined once, when channel c's gradient is final.
+// accumulated over all readers (scale * dy into one gradient buffer by the kernels, the two
+// per-channel projections scale * sum / M into two small vectors) and combined once, by
+// final_input_grad, when channel c's gradient is final.
 #pragma once
 
 #include <cmath>
@@ -67,14 +68,6 @@ DENSE_OPS_HOST_DEVICE acc_t relu_masked_grad(acc_t x, acc_t dz, const BnAffine<a
 template <typename acc_t>
 DENSE_OPS_HOST_DEVICE acc_t normalized(acc_t x, const BnAffine<acc_t>& a) {
   return (x - a.mean) * a.invstd;
-}
-
-// Per channel, after the reductions of one reader: its contribution to the two projections.
-template <typename acc_t>
-DENSE_OPS_HOST_DEVICE void add_projections(acc_t scale, acc_t sum_dy, acc_t sum_dy_xhat, acc_t count,
-                                           acc_t& proj_mean, acc_t& proj_xhat) {
-  proj_mean += scale * sum_dy / count;
-  proj_xhat += scale * sum_dy_xhat / count;
 }
 
 // The final input gradient of one element: the direct gradient plus the accumulated

@@ -132,9 +132,8 @@ void bn_relu_forward(const at::Tensor& x, const BnParams& bn, const at::Tensor& 
 }
 
 void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnParams& bn,
-                      const at::Tensor& accumulated, bool accumulate, const at::Tensor& grad_weight,
-                      const at::Tensor& grad_bias, const at::Tensor& proj_mean, const at::Tensor& proj_xhat,
-                      bool channels_last) {
+                      const at::Tensor& accumulated, bool accumulate, const at::Tensor& sum_dy_xhat,
+                      const at::Tensor& sum_dy, bool channels_last) {
   const Extent e(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_relu_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -143,27 +142,23 @@ void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnP
       constexpr bool kCL = decltype(layout)::value;
       const Plane<scalar_t, kCL> in(x), dz(grad_out);
       const Plane<acc_t, kCL> acc(accumulated);
-      acc_t* gw = grad_weight.data_ptr<acc_t>();
-      acc_t* gb = grad_bias.data_ptr<acc_t>();
-      acc_t* pm = proj_mean.defined() ? proj_mean.data_ptr<acc_t>() : nullptr;
-      acc_t* px = proj_xhat.defined() ? proj_xhat.data_ptr<acc_t>() : nullptr;
-      const acc_t count = static_cast<acc_t>(e.per_channel());
+      acc_t* total_dy_xhat = sum_dy_xhat.data_ptr<acc_t>();
+      acc_t* total_dy = sum_dy.data_ptr<acc_t>();
       parallel_over_channels(e, [&](int64_t c0, int64_t c1) {
         const auto a = affines<acc_t>(bn, c0, c1);
-        std::vector<sum_t> sum_dy(c1 - c0, 0), sum_dy_xhat(c1 - c0, 0);
+        std::vector<sum_t> partial_dy(c1 - c0, 0), partial_dy_xhat(c1 - c0, 0);
         visit<kCL>(e, c0, c1, [&](int64_t c, int64_t n, int64_t s) {
           const auto& af = a[c - c0];
           const acc_t xv = static_cast<acc_t>(in(n, c, s));
           const acc_t dy = math::relu_masked_grad(xv, static_cast<acc_t>(dz(n, c, s)), af);
-          sum_dy[c - c0] += dy;
-          sum_dy_xhat[c - c0] += dy * math::normalized(xv, af);
+          partial_dy[c - c0] += dy;
+          partial_dy_xhat[c - c0] += dy * math::normalized(xv, af);
           acc_t& slot = acc(n, c, s);
           slot = (accumulate ? slot : acc_t(0)) + af.scale * dy;
         });
         for (int64_t c = c0; c < c1; ++c) {
-          gw[c] = static_cast<acc_t>(sum_dy_xhat[c - c0]);
-          gb[c] = static_cast<acc_t>(sum_dy[c - c0]);
-          if (pm) math::add_projections(a[c - c0].scale, gb[c], gw[c], count, pm[c], px[c]);
+          total_dy_xhat[c] += static_cast<acc_t>(partial_dy_xhat[c - c0]);
+          total_dy[c] += static_cast<acc_t>(partial_dy[c - c0]);
         }
       });
     });

@@ -106,8 +106,8 @@ __global__ void bn_relu_forward_kernel(Plane<const scalar_t> x, DeviceBn<acc_t> 
 
 template <typename scalar_t, typename acc_t>
 __global__ void bn_relu_backward_kernel(Plane<const scalar_t> x, Plane<const scalar_t> grad_out, DeviceBn<acc_t> bn,
-                                        Plane<acc_t> accumulated, bool accumulate, acc_t* grad_weight,
-                                        acc_t* grad_bias, acc_t* proj_mean, acc_t* proj_xhat, Extent e) {
+                                        Plane<acc_t> accumulated, bool accumulate, acc_t* total_dy_xhat,
+                                        acc_t* total_dy, Extent e) {
   __shared__ acc_t buffer[kThreads];
   const int64_t m = e.per_channel();
   for (int64_t c = blockIdx.x; c < e.channels; c += gridDim.x) {
@@ -124,10 +124,9 @@ __global__ void bn_relu_backward_kernel(Plane<const scalar_t> x, Plane<const sca
     }
     sum_dy = block_sum(sum_dy, buffer);
     sum_dy_xhat = block_sum(sum_dy_xhat, buffer);
-    if (threadIdx.x == 0) {
-      grad_weight[c] = sum_dy_xhat;
-      grad_bias[c] = sum_dy;
-      if (proj_mean) math::add_projections(a.scale, sum_dy, sum_dy_xhat, static_cast<acc_t>(m), proj_mean[c], proj_xhat[c]);
+    if (threadIdx.x == 0) {  // one block owns channel c: no race
+      total_dy_xhat[c] += sum_dy_xhat;
+      total_dy[c] += sum_dy;
     }
   }
 }
@@ -187,8 +186,8 @@ void bn_relu_forward(const at::Tensor& x, const BnParams& bn, const at::Tensor& 
 }
 
 void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnParams& bn,
-                      const at::Tensor& accumulated, bool accumulate, const at::Tensor& grad_weight,
-                      const at::Tensor& grad_bias, const at::Tensor& proj_mean, const at::Tensor& proj_xhat, bool) {
+                      const at::Tensor& accumulated, bool accumulate, const at::Tensor& sum_dy_xhat,
+                      const at::Tensor& sum_dy, bool) {
   const c10::cuda::CUDAGuard guard(x.device());
   dim3 grid;
   if (!prepare_launch(x, grid)) return;
@@ -197,9 +196,7 @@ void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnP
     using acc_t = at::opmath_type<scalar_t>;
     bn_relu_backward_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
         plane<const scalar_t>(x), plane<const scalar_t>(grad_out), device_bn<acc_t>(bn), plane<acc_t>(accumulated),
-        accumulate, grad_weight.data_ptr<acc_t>(), grad_bias.data_ptr<acc_t>(),
-        proj_mean.defined() ? proj_mean.data_ptr<acc_t>() : nullptr,
-        proj_xhat.defined() ? proj_xhat.data_ptr<acc_t>() : nullptr, Extent(x));
+        accumulate, sum_dy_xhat.data_ptr<acc_t>(), sum_dy.data_ptr<acc_t>(), Extent(x));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
