@@ -18,13 +18,13 @@ def randomize_batch_norms(module: nn.Module) -> nn.Module:
     return module
 
 
-def forward_backward(model: nn.Module, x: torch.Tensor, seed: int = 0):
+def forward_backward(model: nn.Module, x: torch.Tensor, seed: int = 0, input_grad: bool = True):
     """One step: returns (output, input grad, {param name: grad}, {buffer name: value})."""
-    x = x.detach().clone().requires_grad_()
+    x = x.detach().clone().requires_grad_(input_grad)
     model.zero_grad(set_to_none=True)
     out = model(x)
-    torch.manual_seed(seed)
-    out.backward(torch.randn_like(out))
+    # Drawn in float32 so that models of every dtype get the same output gradient.
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype))
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     return out.detach(), x.grad, grads, buffers

@@ -171,8 +171,10 @@ def densenet_cifar(depth: int = 100, growth_rate: int = 12, bottleneck: bool = T
     stem conv with 16 channels (basic) or 2k (BC), transitions BN-ReLU-Conv1x1-AvgPool that
     keep floor(compression * C) channels, and BN-ReLU-global avgpool-linear at the end.
     bottleneck=True is DenseNet-BC with 4k-wide 1x1 convs. compression=None means the
-    paper's choice: 0.5 for DenseNet-BC, 1.0 (no compression) for the basic DenseNet. Paper configurations: basic L=40/100
-    with k=12 and L=100 with k=24; BC L=100 k=12, L=250 k=24, L=190 k=40.
+    paper's choice: 0.5 for DenseNet-BC, 1.0 (no compression) for the basic DenseNet.
+    drop_rate applies after each dense layer's last conv, as in torchvision. Paper
+    configurations: basic L=40/100 with k=12 and L=100 with k=24; BC L=100 k=12, L=250 k=24,
+    L=190 k=40.
     """
     num_layers = cifar_layers_per_block(depth, bottleneck)
     if compression is None:
