@@ -30,6 +30,14 @@ def _check_conv(block_name: str, conv: nn.Module, kernel_size: int) -> None:
                          f"{kernel_size}x{kernel_size} Conv2d with stride 1, padding {padding} and no bias")
 
 
+def _check_norm(block_name: str, norm: nn.Module) -> None:
+    # Our blocks compute batch statistics themselves: any other norm (e.g. SyncBatchNorm)
+    # would silently become a plain BatchNorm2d.
+    if type(norm) is not nn.BatchNorm2d:
+        raise ValueError(f"swap_dense_blocks: {block_name} has a layer whose norm is {type(norm).__name__}, "
+                         "expected torch.nn.BatchNorm2d")
+
+
 def _block_geometry(block_name: str, layers: list[nn.Module]) -> tuple[int, int | None, int, float]:
     """(num_input_features, bn_size, growth_rate, drop_rate) of a torchvision or naive block."""
     bottleneck = _is_bottleneck(layers[0])
@@ -40,8 +48,10 @@ def _block_geometry(block_name: str, layers: list[nn.Module]) -> tuple[int, int 
     for layer in layers:
         if _is_bottleneck(layer) != bottleneck or float(layer.drop_rate) != drop_rate:
             raise ValueError(f"swap_dense_blocks: the layers of {block_name} differ in bottleneck or drop_rate")
+        _check_norm(block_name, layer.norm1)
         _check_conv(block_name, layer.conv1, 1 if bottleneck else 3)
         if bottleneck:
+            _check_norm(block_name, layer.norm2)
             _check_conv(block_name, layer.conv2, 3)
     return layers[0].norm1.num_features, bn_size, growth_rate, drop_rate
 

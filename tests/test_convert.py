@@ -125,3 +125,6 @@ def test_swap_bad_input():
     odd.denselayer2.conv2 = nn.Conv2d(8, 4, 3, padding=1, bias=True)
     with pytest.raises(ValueError, match="no bias"):
         dense_ops.swap_dense_blocks(nn.Sequential(odd))
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(_DenseBlock(2, 4, 2, 4, 0.0)))
+    with pytest.raises(ValueError, match="SyncBatchNorm"):
+        dense_ops.swap_dense_blocks(synced)
