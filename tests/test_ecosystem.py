@@ -116,6 +116,16 @@ def test_deepcopy_and_save_load_whole_model_and_state_dict():
             assert_same_step(copy.deepcopy(model).train(training), copy.deepcopy(ours).train(training), x, atol=0)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_channels_last_model_matches_naive(training):
+    ours, naive = tiny_pair()
+    ours = ours.to(memory_format=torch.channels_last).train(training)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64).to(memory_format=torch.channels_last)
+    with torch.no_grad():  # stem + first block, on a copy: a training forward updates running statistics
+        assert copy.deepcopy(ours).features[:2](x).is_contiguous(memory_format=torch.channels_last)
+    assert_same_step(ours, naive.train(training), x, atol=1e-10)
+
+
 def _max_relative_error(value, reference):
     return ((value.double() - reference).abs().max() / reference.abs().max()).item()
 
