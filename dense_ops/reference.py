@@ -67,3 +67,18 @@ class Transition(nn.Sequential):
             ("conv", nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)),
             ("pool", nn.AvgPool2d(kernel_size=2, stride=2)),
         ]))
+
+
+# --- CondenseNet ------------------------------------------------------------------------------
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Channel g*D + j moves to j*groups + g (ShuffleNet's shuffle, as CondenseNet applies it)."""
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+def condensed_conv(input: torch.Tensor, index: torch.Tensor, norm: nn.BatchNorm2d, weight: torch.Tensor,
+                   groups: int) -> torch.Tensor:
+    """CondenseNet's inference layer step by step: index_select -> BN -> ReLU -> grouped 1x1 conv -> shuffle."""
+    x = F.relu(norm(torch.index_select(input, 1, index)))
+    return channel_shuffle(F.conv2d(x, weight.view(weight.shape[0], -1, 1, 1), groups=groups), groups)
