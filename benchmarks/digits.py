@@ -139,7 +139,8 @@ def main(argv=None) -> None:
     parser.add_argument("--lasso", type=float, default=1e-5, help="group-lasso weight")
     parser.add_argument("--depth", type=int, default=None, help="CondenseNet depth 6n+2 (default 14 digits, 86 CIFAR)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: these small images gain nothing from more)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,7 +156,7 @@ def main(argv=None) -> None:
         densenet = small_densenet_bc(num_classes, growth=12, layers=16)
     else:
         condensenet = condensenet_cifar(depth=args.depth or 14, growth_rates=(4, 8, 16), num_classes=num_classes)
-        densenet = small_densenet_bc(num_classes)
+        densenet = small_densenet_bc(num_classes, growth=12, layers=6)
     train(condensenet, data, epochs, args.batch_size, args.lr, args.lasso, "CondenseNet", cifar)
     train(densenet, data, epochs, args.batch_size, args.lr, 0.0, "DenseNet-BC", cifar)
 
