@@ -49,16 +49,18 @@ def randomized_condensenet74() -> torch.nn.Module:
 
 
 @torch.inference_mode()
-def model_benchmark(batch_sizes, repeats: int) -> None:
+def model_benchmark(batch_sizes, repeats: int, memory_format=torch.contiguous_format) -> None:
     training_form = randomized_condensenet74()
     fused = dense_ops.condense(training_form, prune_classifier=False)
     naive = reference.unfused_condensenet(fused)
     densenet121 = torchvision.models.densenet121().eval()
-    print(f"\nModel inference, 224x224, {torch.get_num_threads()} threads (median ms of {repeats})")
+    for model in (fused, naive, densenet121):
+        model.to(memory_format=memory_format)
+    print(f"\nModel inference, 224x224, {memory_format}, {torch.get_num_threads()} threads (median ms of {repeats})")
     print(f"{'batch':>5s} {'fused CondenseNet-74':>21s} {'reference converted':>20s} {'speed-up':>9s} "
           f"{'densenet121':>12s} {'vs densenet121':>15s}")
     for batch in batch_sizes:
-        x = torch.randn(batch, 3, 224, 224)
+        x = torch.randn(batch, 3, 224, 224).to(memory_format=memory_format)
         torch.testing.assert_close(fused(x), naive(x), rtol=1e-4, atol=1e-4)
         fused_ms = median_ms(lambda: fused(x), repeats)
         naive_ms = median_ms(lambda: naive(x), repeats)
@@ -100,12 +102,16 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-models", action="store_true", help="only the per-layer micro-benchmark")
+    parser.add_argument("--skip-layers", action="store_true", help="only the model benchmark")
+    parser.add_argument("--channels-last", action="store_true", help="run the models in channels-last layout")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    layer_benchmark(args.batch_sizes, args.repeats)
+    if not args.skip_layers:
+        layer_benchmark(args.batch_sizes, args.repeats)
     if not args.skip_models:
-        model_benchmark(args.batch_sizes, args.repeats)
+        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+        model_benchmark(args.batch_sizes, args.repeats, fmt)
 
 
 if __name__ == "__main__":
