@@ -75,7 +75,8 @@ def small_densenet_bc(num_classes: int, growth: int = 8, layers: int = 4) -> nn.
             modules["transition1"] = dense_ops.Transition(c, c // 2)
             c //= 2
     modules.update([("norm5", nn.BatchNorm2d(c)), ("relu5", nn.ReLU(inplace=True)),
-                    ("pool5", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("classifier", nn.Linear(c, num_classes))])
+                    ("pool5", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()),
+                    ("classifier", nn.Linear(c, num_classes))])
     return nn.Sequential(modules)
 
 

@@ -50,8 +50,8 @@ void gather_cpu(const at::Tensor& input, const PlaneStrides& in, const at::Tenso
           for (int64_t n = 0; n < images; ++n) {
             const scalar_t* src = x + in.offset(idx[row], n * in.spatial);
             for (int64_t s = 0; s < in.spatial; ++s) {
-              dst[n * in.spatial + s] =
-                  static_cast<scalar_t>(condense::folded_bn_relu(static_cast<acc_t>(src[s * in.s]), row_scale, row_shift));
+              const acc_t value = static_cast<acc_t>(src[s * in.s]);
+              dst[n * in.spatial + s] = static_cast<scalar_t>(condense::folded_bn_relu(value, row_scale, row_shift));
             }
           }
         }
