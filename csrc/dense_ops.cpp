@@ -27,6 +27,14 @@ TORCH_LIBRARY(dense_ops, m) {
   m.def(
       "update_running_stats(Tensor(a!)[] running_mean, Tensor(b!)[] running_var, Tensor[] batch_mean, "
       "Tensor[] batch_var, float[] momentum, int count) -> ()");
+  // CondenseNet's condensed 1x1 convolution (common/condense_math.h): gather index[g*K + k] for
+  // group g, relu(x * scale + shift) per gathered channel, grouped GEMM with weight [O, K(, 1, 1)],
+  // output channel g*D + j of the grouped conv written to its shuffled position j*groups + g.
+  m.def("condensed_conv(Tensor input, Tensor index, Tensor scale, Tensor shift, Tensor weight, int groups) -> Tensor");
+  // The same, written into channels [out_offset, out_offset + O) of a preallocated buffer.
+  m.def(
+      "condensed_conv_into(Tensor input, Tensor index, Tensor scale, Tensor shift, Tensor weight, int groups, "
+      "Tensor(a!) out, int out_offset) -> ()");
 }
 
 namespace {

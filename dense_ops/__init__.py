@@ -28,6 +28,8 @@ _C = _load_extension()
 from . import ops  # noqa: E402  (registers fake kernels and autograd)
 from . import functional, reference  # noqa: E402
 from .nn import DenseBlock, DenseLayer, Transition  # noqa: E402
+from .condense import CondensedConv, CondensedLinear, LearnedGroupConv, condense, group_lasso_loss, update_condensation  # noqa: E402
+from . import utils  # noqa: E402
 from . import models  # noqa: E402
 from .convert import swap_dense_blocks  # noqa: E402
 

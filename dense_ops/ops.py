@@ -137,3 +137,45 @@ def dense_block_forward(input, layer_params, dropout_mask, bottleneck, training,
 def update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count):
     """running = (1 - momentum) * running + momentum * batch (unbiased variance), in place."""
     torch.ops.dense_ops.update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count)
+
+
+# --- CondenseNet: the condensed 1x1 convolution (csrc/common/condense_math.h) -------------------
+
+def _condensed_out_channels(weight, groups):
+    torch._check(groups > 0, lambda: f"condensed_conv: groups must be positive, got {groups}")
+    torch._check(weight.shape[0] % groups == 0,
+                 lambda: f"condensed_conv: weight's out_channels {weight.shape[0]} is not divisible by groups={groups}")
+    return weight.shape[0]
+
+
+@torch.library.register_fake("dense_ops::condensed_conv")
+def _condensed_conv_fake(input, index, scale, shift, weight, groups):
+    n, _, h, w = input.shape
+    out_channels = _condensed_out_channels(weight, groups)
+    return _empty((n, out_channels, h, w), input, memory_format=suggest_memory_format(input))
+
+
+@torch.library.register_fake("dense_ops::condensed_conv_into")
+def _condensed_conv_into_fake(input, index, scale, shift, weight, groups, out, out_offset):
+    _condensed_out_channels(weight, groups)
+    return None
+
+
+def _condensed_conv_backward(ctx, grad):
+    raise RuntimeError(
+        "dense_ops.condensed_conv is an inference kernel and has no backward; dense_ops.CondensedConv runs the "
+        "differentiable reference path when gradients are needed (training mode, or inputs requiring grad)")
+
+
+torch.library.register_autograd("dense_ops::condensed_conv", _condensed_conv_backward)
+
+
+def condensed_conv(input, index, scale, shift, weight, groups):
+    """Gather input[:, index] -> relu(x * scale + shift) -> grouped 1x1 conv -> channel shuffle, as one op.
+    index, scale, shift: [groups * K]; weight: [O, K] or [O, K, 1, 1]."""
+    return torch.ops.dense_ops.condensed_conv(input, index, scale, shift, weight, groups)
+
+
+def condensed_conv_into(input, index, scale, shift, weight, groups, out, out_offset):
+    """condensed_conv written into channels [out_offset, out_offset + O) of the preallocated out."""
+    torch.ops.dense_ops.condensed_conv_into(input, index, scale, shift, weight, groups, out, out_offset)

@@ -67,3 +67,47 @@ class Transition(nn.Sequential):
             ("conv", nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)),
             ("pool", nn.AvgPool2d(kernel_size=2, stride=2)),
         ]))
+
+
+# --- CondenseNet ------------------------------------------------------------------------------
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Channel g*D + j moves to j*groups + g (ShuffleNet's shuffle, as CondenseNet applies it)."""
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+def condensed_conv(input: torch.Tensor, index: torch.Tensor, norm: nn.BatchNorm2d, weight: torch.Tensor,
+                   groups: int) -> torch.Tensor:
+    """CondenseNet's inference layer step by step: index_select -> BN -> ReLU -> grouped 1x1 conv -> shuffle."""
+    x = F.relu(norm(torch.index_select(input, 1, index)))
+    return channel_shuffle(F.conv2d(x, weight.view(weight.shape[0], -1, 1, 1), groups=groups), groups)
+
+
+class CondensedConv(nn.Module):
+    """The step-by-step form of dense_ops.CondensedConv, sharing its parameters and buffers."""
+
+    def __init__(self, fused: nn.Module):
+        super().__init__()
+        self.norm, self.weight, self.groups = fused.norm, fused.weight, fused.groups
+        self.register_buffer("index", fused.index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return condensed_conv(x, self.index, self.norm, self.weight, self.groups)
+
+
+def unfused_condensenet(model: nn.Module) -> nn.Module:
+    """A copy of a converted CondenseNet in the naive inference form of the official code: every
+    CondensedConv as index_select/BN/ReLU/grouped conv/shuffle, every block concatenating with torch.cat."""
+    import copy
+
+    from .condense import CondensedConv as FusedCondensedConv
+
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FusedCondensedConv):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, CondensedConv(module))
+        if hasattr(module, "preallocate"):
+            module.preallocate = False
+    return model

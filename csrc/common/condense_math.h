@@ -1,0 +1,206 @@
+// Index and element math of the condensed 1x1 convolution, shared by the CPU and CUDA kernels.
+//
+// A condensed layer with G groups keeps K input channels per group (index[g*K + k] is the
+// k-th input channel read by group g; a channel may be read by several groups) and produces
+// D = O/G outputs per group. The three steps of the op:
+//   1. gather:  a[g, k, m] = relu(x[n, index[g*K + k], s] * scale[g*K + k] + shift[g*K + k]),
+//               with m = n*S + s running over the N*S pixels (S = H*W);
+//   2. GEMM:    r[g, j, m] = sum_k weight[g*D + j, k] * a[g, k, m]   (one GEMM per group);
+//   3. scatter: out[n, shuffled_channel(g, j), s] = r[g, j, m].
+// The channel shuffle that follows the grouped convolution of the paper (conv channel g*D + j
+// moves to j*G + g) is folded into step 3's addresses, so it never runs as a separate pass.
+//
+// The packed buffers a [G, K, M] and r [G, D, M] are stored either channel-major (m has unit
+// stride, good for NCHW tensors) or pixel-major (k or j has unit stride, good for channels-last).
+#pragma once
+
+#include <cstdint>
+
+#include "common/bn_math.h"
+
+namespace dense_ops {
+namespace condense {
+
+// Output channel of the j-th output of group g after the channel shuffle.
+DENSE_OPS_HOST_DEVICE int64_t shuffled_channel(int64_t group, int64_t j, int64_t groups) {
+  return j * groups + group;
+}
+
+// The eval-mode batch norm folded into one affine map per gathered channel, then ReLU;
+// the same expression as the dense block's BN-ReLU (common/bn_math.h).
+template <typename acc_t>
+DENSE_OPS_HOST_DEVICE acc_t folded_bn_relu(acc_t x, acc_t scale, acc_t shift) {
+  math::BnAffine<acc_t> affine;
+  affine.mean = acc_t(0);
+  affine.invstd = acc_t(1);
+  affine.scale = scale;
+  affine.shift = shift;
+  return math::bn_relu(x, affine);
+}
+
+// Layout of one packed [G, rows, M] buffer (rows = K for the operand, D for the result).
+struct PackedLayout {
+  int64_t rows;
+  int64_t pixels;  // M = N*S
+  bool pixel_major;
+
+  DENSE_OPS_HOST_DEVICE int64_t offset(int64_t group, int64_t row, int64_t m) const {
+    const int64_t base = group * rows * pixels;
+    return pixel_major ? base + m * rows + row : base + row * pixels + m;
+  }
+
+  // Inverse of offset(): the (group, row, m) stored at a linear position, for kernels that
+  // walk a buffer in memory order.
+  DENSE_OPS_HOST_DEVICE void locate(int64_t linear, int64_t& group, int64_t& row, int64_t& m) const {
+    const int64_t per_group = rows * pixels;
+    group = linear / per_group;
+    const int64_t rest = linear - group * per_group;
+    if (pixel_major) {
+      m = rest / rows;
+      row = rest - m * rows;
+    } else {
+      row = rest / pixels;
+      m = rest - row * pixels;
+    }
+  }
+};
+
+// Strided [N, C, S] view of an NCHW-shaped tensor whose H and W strides merge into one.
+struct PlaneStrides {
+  int64_t n, c, s;
+  int64_t spatial;  // S
+
+  // Element (image, channel, pixel) for the flat pixel number m = image*S + pixel.
+  DENSE_OPS_HOST_DEVICE int64_t offset(int64_t channel, int64_t m) const {
+    const int64_t image = m / spatial;
+    return image * n + channel * c + (m - image * spatial) * s;
+  }
+};
+
+}  // namespace condense
+}  // namespace dense_ops
+
+// ---------------------------------------------------------------------------------------
+// Host-side driver shared by both backends: argument checks, the packed buffers and the
+// grouped GEMM through ATen (at::bmm: MKL/oneDNN on CPU, cuBLAS on CUDA). Each backend
+// supplies only its gather and scatter kernels.
+#include <ATen/ATen.h>
+
+namespace dense_ops {
+namespace condense {
+
+struct Problem {
+  int64_t batch, in_channels, height, width, groups, kept, per_group_out;
+  bool pixel_major;  // channels-last input: pack pixel-major
+
+  int64_t pixels() const { return batch * height * width; }
+  int64_t out_channels() const { return groups * per_group_out; }
+  PackedLayout operand_layout() const { return {kept, pixels(), pixel_major}; }
+  PackedLayout result_layout() const { return {per_group_out, pixels(), pixel_major}; }
+};
+
+// Kernels of one backend. gather fills the packed operand from `input` (validating the index);
+// scatter writes the packed result into `out` at the shuffled channel positions.
+struct Kernels {
+  void (*gather)(const at::Tensor& input, const PlaneStrides& in, const at::Tensor& index, const at::Tensor& scale,
+                 const at::Tensor& shift, at::Tensor& operand, const PackedLayout& layout);
+  void (*scatter)(const at::Tensor& result, const PackedLayout& layout, int64_t groups, at::Tensor& out,
+                  const PlaneStrides& out_strides);
+};
+
+inline bool spatial_dims_merge(const at::Tensor& t) {
+  return t.size(2) == 1 || t.size(3) == 1 || t.stride(2) == t.size(3) * t.stride(3);
+}
+
+inline PlaneStrides plane_strides(const at::Tensor& t) {
+  const int64_t pixel_stride = t.size(3) == 1 ? t.stride(2) : t.stride(3);
+  return {t.stride(0), t.stride(1), pixel_stride, t.size(2) * t.size(3)};
+}
+
+inline Problem check_arguments(const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
+                               const at::Tensor& shift, const at::Tensor& weight, int64_t groups) {
+  TORCH_CHECK(input.dim() == 4, "condensed_conv: input must be 4-D [N, C, H, W], got ", input.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), "condensed_conv: input must be floating point, got ",
+              input.scalar_type());
+  TORCH_CHECK(groups > 0, "condensed_conv: groups must be positive, got ", groups);
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong,
+              "condensed_conv: index must be a 1-D int64 tensor, got ", index.dim(), "-D ", index.scalar_type());
+  TORCH_CHECK(index.numel() % groups == 0, "condensed_conv: index length ", index.numel(),
+              " is not divisible by groups=", groups);
+  const int64_t kept = index.numel() / groups;
+  for (const auto* affine : {&scale, &shift}) {
+    TORCH_CHECK(affine->dim() == 1 && affine->numel() == index.numel() && at::isFloatingType(affine->scalar_type()),
+                "condensed_conv: scale and shift must be floating 1-D tensors of the index's length ", index.numel(),
+                ", got shape ", affine->sizes());
+  }
+  TORCH_CHECK((weight.dim() == 2 || (weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1)) &&
+                  weight.size(1) == kept,
+              "condensed_conv: weight must be [out_channels, ", kept, "] or [out_channels, ", kept,
+              ", 1, 1] (kept channels per group), got ", weight.sizes());
+  TORCH_CHECK(weight.size(0) % groups == 0, "condensed_conv: weight's out_channels ", weight.size(0),
+              " is not divisible by groups=", groups);
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "condensed_conv: weight dtype ", weight.scalar_type(),
+              " differs from input dtype ", input.scalar_type());
+  for (const auto* t : {&index, &scale, &shift, &weight}) {
+    TORCH_CHECK(t->device() == input.device(), "condensed_conv: all tensors must be on the input's device ",
+                input.device(), ", got one on ", t->device());
+  }
+  const bool pixel_major = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  return {input.size(0), input.size(1), input.size(2), input.size(3), groups, kept, weight.size(0) / groups,
+          pixel_major};
+}
+
+inline void check_output(const Problem& p, const at::Tensor& input, const at::Tensor& out, int64_t out_offset) {
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == p.batch && out.size(2) == p.height && out.size(3) == p.width,
+              "condensed_conv_into: out must be [", p.batch, ", C, ", p.height, ", ", p.width, "], got ", out.sizes());
+  TORCH_CHECK(out_offset >= 0 && out_offset + p.out_channels() <= out.size(1), "condensed_conv_into: out_offset ",
+              out_offset, " + out_channels ", p.out_channels(), " exceeds out's ", out.size(1), " channels");
+  TORCH_CHECK(out.scalar_type() == input.scalar_type() && out.device() == input.device(),
+              "condensed_conv_into: out must have the input's dtype and device (", input.scalar_type(), " on ",
+              input.device(), "), got ", out.scalar_type(), " on ", out.device());
+}
+
+// The whole op: gather + BN + ReLU into the packed operand, one GEMM per group, shuffled scatter.
+inline void run_into(const Kernels& kernels, const Problem& p, const at::Tensor& input_arg, const at::Tensor& index,
+                     const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight, at::Tensor& out,
+                     int64_t out_offset) {
+  at::Tensor slice = out.narrow(1, out_offset, p.out_channels());
+  if (slice.numel() == 0) return;
+  const auto format = p.pixel_major ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor input = spatial_dims_merge(input_arg) ? input_arg : input_arg.contiguous(format);
+  const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+
+  const PackedLayout operand_layout = p.operand_layout();
+  at::Tensor operand = at::empty({p.groups * p.kept * p.pixels()}, input.options());
+  kernels.gather(input, plane_strides(input), index.contiguous(), scale.to(acc_type).contiguous(),
+                 shift.to(acc_type).contiguous(), operand, operand_layout);
+
+  const at::Tensor grouped_weight = weight.reshape({p.groups, p.per_group_out, p.kept});
+  const at::Tensor result =
+      p.pixel_major ? at::bmm(operand.view({p.groups, p.pixels(), p.kept}), grouped_weight.transpose(1, 2))
+                    : at::bmm(grouped_weight, operand.view({p.groups, p.kept, p.pixels()}));
+
+  at::Tensor target = spatial_dims_merge(slice) ? slice : at::empty_like(slice, format);
+  kernels.scatter(result.contiguous(), p.result_layout(), p.groups, target, plane_strides(target));
+  if (!target.is_same(slice)) slice.copy_(target);
+}
+
+inline at::Tensor run(const Kernels& kernels, const at::Tensor& input, const at::Tensor& index,
+                      const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight, int64_t groups) {
+  const Problem p = check_arguments(input, index, scale, shift, weight, groups);
+  const auto format = p.pixel_major ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor out = at::empty({p.batch, p.out_channels(), p.height, p.width}, input.options().memory_format(format));
+  run_into(kernels, p, input, index, scale, shift, weight, out, 0);
+  return out;
+}
+
+inline void run_into_checked(const Kernels& kernels, const at::Tensor& input, const at::Tensor& index,
+                             const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
+                             int64_t groups, at::Tensor& out, int64_t out_offset) {
+  const Problem p = check_arguments(input, index, scale, shift, weight, groups);
+  check_output(p, input, out, out_offset);
+  run_into(kernels, p, input, index, scale, shift, weight, out, out_offset);
+}
+
+}  // namespace condense
+}  // namespace dense_ops

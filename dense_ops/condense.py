@@ -1,0 +1,281 @@
+"""CondenseNet (Huang et al., CVPR 2018): learned group convolutions and their condensed inference form.
+
+Training: ``LearnedGroupConv`` is BN -> ReLU -> (dropout) -> a 1x1 conv whose weight is multiplied
+by a mask; output channel ``o`` belongs to group ``o % groups``. ``update_condensation(model,
+progress)`` prunes each group's input channels in C-1 stages during the first half of training
+(C = condense_factor); ``group_lasso_loss(model)`` is the paper's structured-sparsity penalty.
+
+Inference: ``condense(model)`` turns every LearnedGroupConv into a ``CondensedConv`` (one fused
+op: gather the kept channels, BN + ReLU, grouped 1x1 GEMM, channel shuffle folded into the output
+addresses) and optionally prunes the classifier into a ``CondensedLinear``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops, reference
+
+
+def _check_positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def condensation_stage(progress: float, condense_factor: int) -> int:
+    """The stage at a training progress in [0, 1]: the first i < C-1 with 2*progress < (i+1)/(C-1), else C-1."""
+    for stage in range(condense_factor - 1):
+        if 2 * progress < (stage + 1) / (condense_factor - 1):
+            return stage
+    return condense_factor - 1
+
+
+class LearnedGroupConv(nn.Module):
+    """BN -> ReLU -> optional dropout -> masked 1x1 conv with a learned group structure.
+
+    Buffers: ``mask`` (same shape as ``conv.weight``; 0 = connection dropped) and ``stage`` (the
+    condensation stage reached, 0..C-1). Both are updated in place, so they save, load, copy and
+    are broadcast by DataParallel/DDP like any buffer.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int, condense_factor: int,
+                 dropout_rate: float = 0.0):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups),
+                            ("condense_factor", condense_factor)):
+            _check_positive(name, value)
+        if in_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
+        if in_channels % condense_factor:
+            raise ValueError(f"in_channels ({in_channels}) must be divisible by condense_factor ({condense_factor})")
+        if out_channels % groups:
+            raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
+        if not 0.0 <= dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.groups, self.condense_factor = groups, condense_factor
+        self.dropout_rate = float(dropout_rate)
+        self.norm = nn.BatchNorm2d(in_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(dropout_rate) if dropout_rate > 0 else None
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+        self.register_buffer("mask", torch.ones_like(self.conv.weight))
+        self.register_buffer("stage", torch.zeros((), dtype=torch.long))
+        self._host_stage = 0  # mirror of `stage`, so the schedule never syncs with the device
+
+    @property
+    def drop_per_stage(self) -> int:
+        return self.in_channels // self.condense_factor
+
+    @property
+    def kept_per_group(self) -> int:
+        return self.in_channels - self._host_stage * self.drop_per_stage
+
+    @property
+    def fully_condensed(self) -> bool:
+        return self._host_stage >= self.condense_factor - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.norm(x))
+        if self.drop is not None:
+            x = self.drop(x)
+        return F.conv2d(x, self.conv.weight * self.mask)
+
+    def group_view(self, t: torch.Tensor) -> torch.Tensor:
+        """[O, I, 1, 1] -> [O/G, G, I]: entry [j, g, i] is output j*G + g (of group g) and input i."""
+        return t.view(self.out_channels // self.groups, self.groups, self.in_channels)
+
+    def kept_inputs(self) -> torch.Tensor:
+        """[G, I] bool: which input channels each group still reads."""
+        return self.group_view(self.mask)[0] != 0
+
+    def advance_to(self, stage: int) -> None:
+        """Enters `stage`, dropping in_channels // C more inputs per group for every stage entered."""
+        with torch.no_grad():
+            while self._host_stage < stage:
+                self._drop_least_important()
+                self._host_stage += 1
+            self.stage.fill_(self._host_stage)
+
+    def _drop_least_important(self) -> None:
+        # Importance of input i for group g: sum of |weight| over the group's outputs. Dropped
+        # inputs get +inf so they are never picked again.
+        importance = self.group_view((self.conv.weight * self.mask).abs()).sum(0)
+        importance = importance.masked_fill(~self.kept_inputs(), math.inf)
+        dropped = importance.topk(self.drop_per_stage, dim=1, largest=False).indices  # [G, delta]
+        per_group = self.out_channels // self.groups
+        self.group_view(self.mask).scatter_(2, dropped.unsqueeze(0).expand(per_group, -1, -1), 0.0)
+
+    def group_lasso(self) -> torch.Tensor:
+        """Sum over groups and input channels of the L2 norm of the group's (masked) weights on that input."""
+        squares = self.group_view((self.conv.weight * self.mask) ** 2).sum(0)
+        nonzero = squares > 0
+        # where() keeps sqrt's gradient finite at dropped (all-zero) connections.
+        return (torch.where(nonzero, squares, torch.ones_like(squares)).sqrt() * nonzero).sum()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._host_stage = int(self.stage)  # one sync per load, not per forward
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, groups={self.groups}, "
+                f"condense_factor={self.condense_factor}, stage={self._host_stage}")
+
+
+def _learned_group_convs(model: nn.Module) -> list[LearnedGroupConv]:
+    return [m for m in model.modules() if isinstance(m, LearnedGroupConv)]
+
+
+def update_condensation(model: nn.Module, progress: float) -> None:
+    """Advances every LearnedGroupConv of `model` to the condensation stage of `progress`
+    (the fraction of training done, in [0, 1]); call it every iteration. Host-only bookkeeping:
+    the masks change (in place) only when a stage is entered."""
+    if isinstance(progress, bool) or not isinstance(progress, (int, float)) or not 0.0 <= progress <= 1.0:
+        raise ValueError(f"progress must be a number in [0, 1], got {progress!r}")
+    for layer in _learned_group_convs(model):
+        layer.advance_to(condensation_stage(float(progress), layer.condense_factor))
+
+
+def group_lasso_loss(model: nn.Module) -> torch.Tensor:
+    """The group-lasso penalty of the paper summed over the learned group convs that are still
+    condensing (zero once every layer is fully condensed). Scale it by your lambda."""
+    terms = [layer.group_lasso() for layer in _learned_group_convs(model) if not layer.fully_condensed]
+    if not terms:
+        parameter = next(model.parameters(), None)
+        return torch.zeros((), device=parameter.device if parameter is not None else None)
+    return torch.stack(terms).sum()
+
+
+class CondensedConv(nn.Module):
+    """The inference form of a LearnedGroupConv: gather input channels `index` (K per group),
+    BN + ReLU, grouped 1x1 conv, channel shuffle; one fused op (dense_ops.ops.condensed_conv).
+
+    Training mode, or inputs/parameters that need gradients, run the equivalent differentiable
+    reference path (dense_ops.reference.condensed_conv).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int, kept_per_group: int):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups),
+                            ("kept_per_group", kept_per_group)):
+            _check_positive(name, value)
+        if out_channels % groups:
+            raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.groups, self.kept_per_group = groups, kept_per_group
+        self.norm = nn.BatchNorm2d(groups * kept_per_group)
+        self.weight = nn.Parameter(torch.empty(out_channels, kept_per_group, 1, 1))
+        nn.init.kaiming_normal_(self.weight)
+        self.register_buffer("index", torch.arange(groups * kept_per_group) % in_channels)
+
+    @classmethod
+    def from_learned(cls, layer: LearnedGroupConv) -> "CondensedConv":
+        """The exact inference equivalent of `layer` (in eval mode) at its current stage."""
+        kept = layer.kept_inputs()  # [G, I]
+        index = torch.stack([row.nonzero().flatten() for row in kept])  # [G, K], ascending per group
+        groups, kept_per_group = index.shape
+        new = cls(layer.in_channels, layer.out_channels, groups, kept_per_group).to(layer.conv.weight.device)
+        with torch.no_grad():
+            weight = layer.group_view(layer.conv.weight)  # [D, G, I]: output j*G + g
+            gathered = torch.gather(weight, 2, index.unsqueeze(0).expand(weight.shape[0], -1, -1))  # [D, G, K]
+            # Grouped-conv order: conv channel g*D + j; the shuffle maps it back to j*G + g.
+            new.weight.copy_(gathered.transpose(0, 1).reshape(layer.out_channels, kept_per_group, 1, 1))
+            flat = index.flatten()
+            new.index.copy_(flat)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(new.norm, name).copy_(getattr(layer.norm, name)[flat])
+            new.norm.num_batches_tracked.copy_(layer.norm.num_batches_tracked)
+        new.norm.eps, new.norm.momentum = layer.norm.eps, layer.norm.momentum
+        return new.to(layer.conv.weight.dtype)
+
+    def folded_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eval-mode BN as one affine map per gathered channel: (scale, shift)."""
+        norm = self.norm
+        scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+        return scale, norm.bias - norm.running_mean * scale
+
+    def _needs_reference(self, x: torch.Tensor) -> bool:
+        return self.training or (torch.is_grad_enabled() and (x.requires_grad or any(
+            p.requires_grad for p in self.parameters())))
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, out_offset: int = 0) -> torch.Tensor:
+        """Returns the output, or writes it into out[:, out_offset:out_offset + out_channels] and returns out."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"CondensedConv: expected input [N, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        if self._needs_reference(x):
+            y = reference.condensed_conv(x, self.index, self.norm, self.weight, self.groups)
+            if out is None:
+                return y
+            out[:, out_offset:out_offset + self.out_channels] = y
+            return out
+        scale, shift = self.folded_norm()
+        if out is None:
+            return ops.condensed_conv(x, self.index, scale, shift, self.weight, self.groups)
+        ops.condensed_conv_into(x, self.index, scale, shift, self.weight, self.groups, out, out_offset)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, groups={self.groups}, "
+                f"kept_per_group={self.kept_per_group}")
+
+
+class CondensedLinear(nn.Module):
+    """A classifier that reads only the input features `index`: linear(x[:, index])."""
+
+    def __init__(self, in_features: int, out_features: int, kept_features: int, bias: bool = True):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features),
+                            ("kept_features", kept_features)):
+            _check_positive(name, value)
+        if kept_features > in_features:
+            raise ValueError(f"kept_features ({kept_features}) must not exceed in_features ({in_features})")
+        self.in_features = in_features
+        self.linear = nn.Linear(kept_features, out_features, bias=bias)
+        self.register_buffer("index", torch.arange(kept_features))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, keep_fraction: float = 0.5) -> "CondensedLinear":
+        """Keeps the input features with the largest L1 column norm, as the official CondenseNet does."""
+        kept = int(linear.in_features * keep_fraction)
+        if kept <= 0:
+            raise ValueError(f"keeping {keep_fraction} of {linear.in_features} features keeps none")
+        new = cls(linear.in_features, linear.out_features, kept, bias=linear.bias is not None)
+        new = new.to(linear.weight.device, linear.weight.dtype)
+        with torch.no_grad():
+            index = linear.weight.abs().sum(0).topk(kept).indices.sort().values
+            new.index.copy_(index)
+            new.linear.weight.copy_(linear.weight[:, index])
+            if linear.bias is not None:
+                new.linear.bias.copy_(linear.bias)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.index_select(x, 1, self.index))
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    if not name:
+        return module
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
+    return model
+
+
+def condense(model: nn.Module, prune_classifier: bool = True) -> nn.Module:
+    """A new inference model (eval mode; `model` is untouched): every LearnedGroupConv becomes a
+    CondensedConv and, with `prune_classifier`, the last nn.Linear becomes a CondensedLinear keeping
+    half of its inputs. Without classifier pruning the outputs equal `model`'s in eval mode."""
+    new = copy.deepcopy(model)
+    for name, module in list(new.named_modules()):
+        if isinstance(module, LearnedGroupConv):
+            new = _replace(new, name, CondensedConv.from_learned(module))
+    if prune_classifier:
+        linears = [name for name, m in new.named_modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError("condense(prune_classifier=True): the model has no nn.Linear classifier")
+        new = _replace(new, linears[-1], CondensedLinear.from_linear(new.get_submodule(linears[-1])))
+    return new.eval()

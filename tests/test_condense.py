@@ -1,0 +1,333 @@
+"""CondenseNet: learned group convolution, condensation schedule, conversion, the fused
+condensed_conv op against the step-by-step reference, and the paper's FLOP/parameter counts."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import dense_ops
+from dense_ops import CondensedConv, CondensedLinear, LearnedGroupConv, condense, group_lasso_loss, reference
+from dense_ops.condense import _learned_group_convs as learned_group_convs, condensation_stage
+from dense_ops.models import condensenet74, condensenet_cifar
+from dense_ops.utils import count_flops_params
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
+
+
+def randomize(module: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters, so a wrong channel cannot hide."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(-1.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return module
+
+
+def condensed_layer(in_channels=12, out_channels=8, groups=4, kept=2, dtype=torch.float64, device="cpu"):
+    """A CondensedConv with random weights, BN and an index that repeats channels across groups."""
+    layer = randomize(CondensedConv(in_channels, out_channels, groups, kept))
+    with torch.no_grad():
+        layer.index.copy_(torch.randint(0, in_channels, (groups * kept,)))
+    return layer.to(device, dtype).eval()
+
+
+def op_args(layer: CondensedConv):
+    scale, shift = layer.folded_norm()
+    return layer.index, scale.detach(), shift.detach(), layer.weight.detach(), layer.groups
+
+
+# ----------------------------------------------------------------------------- the fused op
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channel_slice", "spatial_stride"])
+def test_condensed_conv_matches_reference(device, dtype, layout):
+    layer = condensed_layer(dtype=dtype, device=device)
+    x = torch.randn(3, 16, 5, 6, dtype=dtype, device=device)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x = x[:, 2:14] if layout == "channel_slice" else x[:, :12]
+    if layout == "spatial_stride":
+        x = x[:, :, ::2, 1::2]
+    with torch.no_grad():
+        expected = reference.condensed_conv(x, layer.index, layer.norm, layer.weight, layer.groups)
+        actual = dense_ops.ops.condensed_conv(x, *op_args(layer))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
+    if layout == "channels_last":
+        assert actual.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_condensed_conv_into_writes_only_its_slice(device, channels_last):
+    layer = condensed_layer(device=device)
+    x = torch.randn(2, 12, 4, 4, dtype=torch.float64, device=device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    buffer = torch.randn(2, 20, 4, 4, dtype=torch.float64, device=device).to(memory_format=fmt)
+    before = buffer.clone()
+    dense_ops.ops.condensed_conv_into(x, *op_args(layer), buffer, 7)
+    with torch.no_grad():
+        expected = reference.condensed_conv(x, layer.index, layer.norm, layer.weight, layer.groups)
+    torch.testing.assert_close(buffer[:, 7:15], expected)
+    torch.testing.assert_close(buffer[:, :7], before[:, :7])
+    torch.testing.assert_close(buffer[:, 15:], before[:, 15:])
+
+
+def test_condensed_conv_half_precision_accumulates_in_float():
+    layer = condensed_layer(dtype=torch.float32)
+    x = torch.randn(2, 12, 3, 3)
+    index, scale, shift, weight, groups = op_args(layer)
+    actual = dense_ops.ops.condensed_conv(x.bfloat16(), index, scale, shift, weight.bfloat16(), groups)
+    with torch.no_grad():
+        expected = reference.condensed_conv(x, layer.index, layer.norm, layer.weight, layer.groups)
+    torch.testing.assert_close(actual.float(), expected, rtol=2e-2, atol=5e-2)
+
+
+def test_condensed_conv_opcheck():
+    layer = condensed_layer(dtype=torch.float32)
+    x = torch.randn(2, 12, 3, 4)
+    torch.library.opcheck(torch.ops.dense_ops.condensed_conv.default, (x, *op_args(layer)))
+    torch.library.opcheck(torch.ops.dense_ops.condensed_conv.default,
+                          (x.to(memory_format=torch.channels_last), *op_args(layer)))
+    buffer = torch.zeros(2, 11, 3, 4)
+    torch.library.opcheck(torch.ops.dense_ops.condensed_conv_into.default, (x, *op_args(layer), buffer, 3))
+
+
+def test_condensed_conv_empty_batch():
+    layer = condensed_layer(dtype=torch.float32)
+    out = dense_ops.ops.condensed_conv(torch.randn(0, 12, 3, 3), *op_args(layer))
+    assert out.shape == (0, 8, 3, 3)
+
+
+def test_condensed_conv_bad_arguments():
+    layer = condensed_layer(dtype=torch.float32)
+    index, scale, shift, weight, groups = op_args(layer)
+    x = torch.randn(1, 12, 2, 2)
+    bad_index = index.clone()
+    bad_index[3] = 12
+    with pytest.raises(RuntimeError, match=r"index\[3\] = 12 is out of range"):
+        dense_ops.ops.condensed_conv(x, bad_index, scale, shift, weight, groups)
+    with pytest.raises(RuntimeError, match="not divisible by groups"):
+        dense_ops.ops.condensed_conv(x, index, scale, shift, weight, 3)
+    with pytest.raises(RuntimeError, match="weight dtype"):
+        dense_ops.ops.condensed_conv(x, index, scale, shift, weight.double(), groups)
+    with pytest.raises(RuntimeError, match="exceeds out's"):
+        dense_ops.ops.condensed_conv_into(x, index, scale, shift, weight, groups, torch.zeros(1, 10, 2, 2), 3)
+    with pytest.raises(ValueError, match=r"expected input \[N, 12, H, W\]"):
+        layer(torch.randn(1, 11, 2, 2))
+
+
+def test_condensed_conv_module_is_differentiable_through_reference_path():
+    layer = condensed_layer(in_channels=6, out_channels=4, groups=2, kept=2)
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda inp, w: CondensedConv.forward(layer, inp), (x, layer.weight))
+    with torch.no_grad():  # the fused op gives the same values
+        torch.testing.assert_close(layer(x), reference.condensed_conv(x, layer.index, layer.norm, layer.weight, 2))
+
+
+# ------------------------------------------------------------------ learned group convolution
+
+def test_learned_group_conv_argument_errors():
+    with pytest.raises(ValueError, match="in_channels .* divisible by groups"):
+        LearnedGroupConv(10, 8, 4, 2)
+    with pytest.raises(ValueError, match="in_channels .* divisible by condense_factor"):
+        LearnedGroupConv(12, 8, 4, 8)
+    with pytest.raises(ValueError, match="out_channels .* divisible by groups"):
+        LearnedGroupConv(12, 6, 4, 4)
+    layer = LearnedGroupConv(12, 8, 4, 4)
+    for progress in (-0.1, 1.5, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match=r"progress must be a number in \[0, 1\]"):
+            dense_ops.update_condensation(layer, progress)
+
+
+def test_learned_group_conv_gradcheck():
+    layer = randomize(LearnedGroupConv(8, 4, 2, 2)).double().eval()
+    dense_ops.update_condensation(layer, 0.6)
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda inp, w: layer(inp), (x, layer.conv.weight))
+    # dropped connections get no gradient
+    layer(x).sum().backward()
+    assert torch.all(layer.conv.weight.grad[layer.mask == 0] == 0)
+
+
+def test_stage_formula():
+    assert [condensation_stage(p, 4) for p in (0.0, 0.16, 0.17, 0.33, 0.34, 0.49, 0.5, 1.0)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [condensation_stage(p, 2) for p in (0.0, 0.49, 0.5)] == [0, 0, 1]
+
+
+@pytest.mark.parametrize("in_channels,groups,condense_factor", [(16, 4, 4), (24, 2, 4), (12, 3, 3), (8, 4, 8)])
+def test_condensation_schedule(in_channels, groups, condense_factor):
+    layer = LearnedGroupConv(in_channels, 2 * groups, groups, condense_factor)
+    delta = in_channels // condense_factor
+    previous = layer.kept_inputs().clone()
+    for step in range(101):
+        progress = step / 100
+        dense_ops.update_condensation(layer, progress)
+        stage = condensation_stage(progress, condense_factor)
+        kept = layer.kept_inputs()
+        assert int(layer.stage) == stage
+        assert torch.all(kept.sum(1) == in_channels - stage * delta)  # every group the same count
+        assert not torch.any(kept & ~previous)  # never revived
+        mask = layer.group_view(layer.mask)
+        assert torch.all(mask == mask[:1])  # one pattern per group, shared by its outputs
+        previous = kept.clone()
+    assert torch.all(layer.kept_inputs().sum(1) == in_channels // condense_factor)
+
+
+def test_condensation_drops_least_important_and_skips_stages():
+    layer = LearnedGroupConv(8, 4, 2, 4)  # 2 inputs dropped per stage; outputs 0, 2 -> group 0
+    with torch.no_grad():
+        w = torch.arange(1.0, 9.0).repeat(4, 1)  # input i has importance i + 1 ...
+        w[1] = w[1].flip(0)  # ... except group 1 (outputs 1, 3), where output 1 reverses the order
+        w[3] = w[3].flip(0) * 3
+        layer.conv.weight.copy_(w.view(4, 8, 1, 1))
+    dense_ops.update_condensation(layer, 0.4)  # stage 0 -> 2 at once: two drops per group
+    kept = layer.kept_inputs()
+    assert kept[0].nonzero().flatten().tolist() == [4, 5, 6, 7]
+    assert kept[1].nonzero().flatten().tolist() == [0, 1, 2, 3]
+    with torch.no_grad():  # the weights change: already dropped inputs stay dropped
+        layer.conv.weight.zero_()
+    dense_ops.update_condensation(layer, 0.9)
+    assert torch.all(layer.kept_inputs().sum(1) == 2)
+    assert not torch.any(layer.kept_inputs() & ~kept)
+
+
+def test_group_lasso_loss_matches_definition():
+    model = nn.Sequential(LearnedGroupConv(8, 6, 2, 2), LearnedGroupConv(6, 4, 2, 3))
+    for layer in model:
+        nn.init.normal_(layer.conv.weight)
+    dense_ops.update_condensation(model, 0.3)  # layer 2 (C=3) enters stage 1; layer 1 (C=2) stays at 0
+    expected = 0.0
+    for layer in model:
+        w = (layer.conv.weight * layer.mask).view(layer.out_channels, layer.in_channels)
+        for g in range(layer.groups):
+            for i in range(layer.in_channels):
+                expected += w[g::layer.groups, i].norm()
+    loss = group_lasso_loss(model)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert all(torch.isfinite(layer.conv.weight.grad).all() for layer in model)
+    dense_ops.update_condensation(model, 0.5)
+    assert float(group_lasso_loss(model)) == 0.0
+
+
+def test_condensation_state_survives_save_load_and_copy():
+    model = condensenet_cifar(depth=8)
+    dense_ops.update_condensation(model, 0.3)
+    stream = io.BytesIO()
+    torch.save(model.state_dict(), stream)
+    stream.seek(0)
+    fresh = condensenet_cifar(depth=8)
+    fresh.load_state_dict(torch.load(stream))
+    for a, b in zip(learned_group_convs(model), learned_group_convs(fresh)):
+        assert torch.equal(a.mask, b.mask) and b._host_stage == a._host_stage == 1
+    copied = copy.deepcopy(model)
+    dense_ops.update_condensation(copied, 1.0)  # the copy condenses; the original does not change
+    assert learned_group_convs(model)[0]._host_stage == 1
+
+
+# -------------------------------------------------------------------------- condense / models
+
+def trained_like_cifar(depth=14, stage_progress=1.0):
+    torch.manual_seed(0)
+    model = randomize(condensenet_cifar(depth=depth, growth_rates=(4, 8, 8), num_classes=10))
+    dense_ops.update_condensation(model, stage_progress)
+    with torch.no_grad():
+        model.classifier.bias.uniform_(-1, 1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("progress", [0.2, 1.0])
+def test_condense_is_exact_without_classifier_pruning(progress):
+    model = trained_like_cifar(stage_progress=progress)
+    state = copy.deepcopy(model.state_dict())
+    converted = condense(model, prune_classifier=False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            torch.testing.assert_close(converted(x.to(memory_format=memory_format)), expected, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # original untouched
+    assert not any(isinstance(m, CondensedConv) for m in model.modules())
+    assert not any(isinstance(m, LearnedGroupConv) for m in converted.modules())
+    assert not converted.training
+
+
+def test_condense_prunes_classifier_to_largest_columns():
+    model = trained_like_cifar()
+    converted = condense(model)
+    linear = model.classifier
+    assert isinstance(converted.classifier, CondensedLinear)
+    kept = converted.classifier.index
+    assert kept.numel() == linear.in_features // 2
+    norms = linear.weight.abs().sum(0)
+    dropped = torch.ones(linear.in_features, dtype=torch.bool)
+    dropped[kept] = False
+    assert norms[kept].min() >= norms[dropped].max()
+    features = torch.randn(3, linear.in_features)
+    torch.testing.assert_close(converted.classifier(features),
+                               features[:, kept] @ linear.weight[:, kept].T + linear.bias)
+
+
+def test_inference_block_uses_one_buffer_and_matches_concatenation(monkeypatch):
+    converted = condense(trained_like_cifar(), prune_classifier=False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference.unfused_condensenet(converted)(x)  # index_select/shuffle/torch.cat form
+
+        def no_cat(*args, **kwargs):
+            raise AssertionError("torch.cat called in an inference block")
+
+        monkeypatch.setattr(torch, "cat", no_cat)
+        torch.testing.assert_close(converted(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_training_step_with_condensation():
+    model = condensenet_cifar(depth=8, growth_rates=(4, 4, 4), num_classes=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    for step in range(3):
+        dense_ops.update_condensation(model, step / 2)
+        loss = nn.functional.cross_entropy(model(x), y) + 1e-3 * group_lasso_loss(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.isfinite(loss)
+    assert all(layer.fully_condensed for layer in learned_group_convs(model))
+
+
+@pytest.mark.parametrize("builder,input_size,flops,params", [
+    (lambda: condensenet_cifar(), (3, 32, 32), 65.8e6, 0.52e6),
+    (lambda: condensenet74(4), (3, 224, 224), 529e6, 4.8e6),
+    (lambda: condensenet74(8), (3, 224, 224), 274e6, 2.9e6),
+])
+def test_flops_and_params_match_the_paper(builder, input_size, flops, params):
+    model = builder()
+    dense_ops.update_condensation(model, 1.0)
+    measured_flops, measured_params = count_flops_params(condense(model), input_size)
+    assert measured_flops == pytest.approx(flops, rel=0.02)
+    assert measured_params == pytest.approx(params, rel=0.02)
+
+
+def test_count_flops_params_of_plain_layers():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, groups=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 5))
+    flops, params = count_flops_params(model, (3, 8, 8))
+    assert flops == 3 * 8 * 9 * 64 + 8 * 64 + 8 * 16 * 4 + (128 * 5 + 5)
+    assert params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.needs_cuda
+def test_condensed_model_on_cuda_matches_cpu():
+    converted = condense(trained_like_cifar(), prune_classifier=False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = converted(x)
+        actual = copy.deepcopy(converted).cuda()(x.cuda()).cpu()
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
