@@ -28,7 +28,8 @@ _C = _load_extension()
 from . import ops  # noqa: E402  (registers fake kernels and autograd)
 from . import functional, reference  # noqa: E402
 from .nn import DenseBlock, DenseLayer, Transition  # noqa: E402
-from .condense import CondensedConv, CondensedLinear, LearnedGroupConv, condense, group_lasso_loss, update_condensation  # noqa: E402
+from .condense import (CondensedConv, CondensedLinear, LearnedGroupConv, condense, group_lasso_loss,  # noqa: E402
+                       update_condensation)
 from . import utils  # noqa: E402
 from . import models  # noqa: E402
 from .convert import swap_dense_blocks  # noqa: E402
@@ -39,6 +40,7 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["DenseBlock", "DenseLayer", "Transition", "build_info", "functional", "models", "ops", "reference",
-           "swap_dense_blocks"]
+__all__ = ["CondensedConv", "CondensedLinear", "DenseBlock", "DenseLayer", "LearnedGroupConv", "Transition",
+           "build_info", "condense", "functional", "group_lasso_loss", "models", "ops", "reference",
+           "swap_dense_blocks", "update_condensation", "utils"]
 __version__ = "0.1.0"
