@@ -2,12 +2,10 @@
 //   forward:  features = [input | new_0 | ... | new_{L-1}], layer l reads features[:, :C0 + l*k];
 //             batch statistics are computed once per channel, when the channel is written.
 //   backward: walks the layers in reverse; BN1-ReLU outputs are recomputed into one scratch
-//             buffer, every reader of a channel adds scale * dy into one gradient buffer, and
-//             a channel's input gradient is finalized once, just before the layer that wrote
-//             it needs it.
+//             buffer (one sample's worth with a bottleneck), every reader of a channel adds
+//             scale * dy into one gradient buffer, and a channel's input gradient is finalized
+//             once, just before the layer that wrote it needs it.
 #include "dense_block.h"
-
-#include <algorithm>
 
 namespace dense_ops {
 namespace {
@@ -130,7 +128,7 @@ at::Tensor channel_matrix(const at::Tensor& sample) {
   return sample.permute({0, 2, 3, 1}).view({-1, sample.size(1)}).t();
 }
 
-at::Tensor weight_matrix(const at::Tensor& weight) { return weight.view({weight.size(0), weight.size(1)}); }
+at::Tensor weight_matrix(const at::Tensor& weight) { return weight.reshape({weight.size(0), weight.size(1)}); }
 
 // Batch-norm parameters of one BN of one layer: batch statistics in training, the
 // layer's own running statistics in eval mode.
