@@ -6,8 +6,10 @@ pooling only, so every stage sees all earlier features). ``dense_ops.condense(mo
 trained model into its inference form.
 
 In inference (no autograd), a block writes every layer's new features into one preallocated
-[N, C_total, H, W] buffer and each layer reads a prefix view of it: no torch.cat. Training
-concatenates, since autograd needs the earlier layers' inputs unchanged.
+[N, C_total, H, W] buffer and each layer reads a prefix view of it: no torch.cat; a transition
+pools straight into the next block's buffer, and on CPU thin-group 3x3 convs run as dense
+block-diagonal convs (see THIN_GROUP_INPUTS). Training concatenates, since autograd needs the
+earlier layers' inputs unchanged. ``reference.unfused_condensenet`` turns all of this off.
 """
 from __future__ import annotations
 
@@ -75,8 +77,8 @@ class CondenseLayer(nn.Module):
 
 
 def average_pool_2x2_into(x: torch.Tensor, out: torch.Tensor) -> None:
-    """F.avg_pool2d(x, 2) written into `out` as three strided adds and a scale: on CPU several
-    times faster than ATen's NCHW pooling kernel on CondenseNet-74's transitions (equal up to rounding)."""
+    """F.avg_pool2d(x, 2) written into `out` as three strided adds and a scale: on CPU about 3x
+    faster than ATen's NCHW pooling kernel on CondenseNet-74's transitions (equal up to rounding)."""
     h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
     torch.add(x[..., 0:h:2, 0:w:2], x[..., 1:h:2, 0:w:2], out=out)
     out.add_(x[..., 0:h:2, 1:w:2]).add_(x[..., 1:h:2, 1:w:2]).mul_(0.25)
