@@ -11,6 +11,7 @@ import dense_ops
 from dense_ops import CondensedConv, CondensedLinear, LearnedGroupConv, condense, group_lasso_loss, reference
 from dense_ops.condense import _learned_group_convs as learned_group_convs, condensation_stage
 from dense_ops.models import condensenet74, condensenet_cifar
+from dense_ops.models.condensenet import average_pool_2x2_into, block_diagonal
 from dense_ops.utils import count_flops_params
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
@@ -286,6 +287,38 @@ def test_inference_block_uses_one_buffer_and_matches_concatenation(monkeypatch):
 
         monkeypatch.setattr(torch, "cat", no_cat)
         torch.testing.assert_close(converted(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_paths_match_training_model_on_odd_sizes():
+    # Growth 4 and 16 with 4 groups: thin (4 inputs per group, dense block-diagonal 3x3 on CPU) and
+    # wide (16 per group, grouped 3x3) layers; 30x30 makes the second transition pool an odd size.
+    torch.manual_seed(0)
+    model = randomize(condensenet_cifar(depth=8, growth_rates=(4, 16, 8), num_classes=5))
+    dense_ops.update_condensation(model, 1.0)
+    model.eval()
+    converted = condense(model, prune_classifier=False)
+    x = torch.randn(3, 3, 30, 30)
+    expected = model(x)  # grad enabled: torch.cat blocks, grouped convs, nn.AvgPool2d
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_block_diagonal_weight_equals_grouped_conv():
+    weight = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    x = torch.randn(2, 12, 7, 5, dtype=torch.float64)
+    dense = block_diagonal(weight, 3)
+    assert dense.shape == (6, 12, 3, 3)
+    torch.testing.assert_close(nn.functional.conv2d(x, dense, padding=1),
+                               nn.functional.conv2d(x, weight, padding=1, groups=3))
+
+
+@pytest.mark.parametrize("size", [(8, 6), (7, 9)])
+def test_average_pool_into_a_channel_slice(size):
+    x = torch.randn(2, 5, *size, dtype=torch.float64)
+    buffer = torch.full((2, 9, size[0] // 2, size[1] // 2), float("nan"), dtype=torch.float64)
+    average_pool_2x2_into(x, buffer[:, 2:7])
+    torch.testing.assert_close(buffer[:, 2:7], nn.functional.avg_pool2d(x, 2))
+    assert buffer[:, :2].isnan().all() and buffer[:, 7:].isnan().all()
 
 
 def test_training_step_with_condensation():

@@ -6,20 +6,49 @@ pooling only, so every stage sees all earlier features). ``dense_ops.condense(mo
 trained model into its inference form.
 
 In inference (no autograd), a block writes every layer's new features into one preallocated
-[N, C_total, H, W] buffer and each layer reads a prefix view of it: no torch.cat. Training
-concatenates, since autograd needs the earlier layers' inputs unchanged.
+[N, C_total, H, W] buffer and each layer reads a prefix view of it: no torch.cat; a transition
+pools straight into the next block's buffer, and on CPU thin-group 3x3 convs run as dense
+block-diagonal convs (see THIN_GROUP_INPUTS). Training concatenates, since autograd needs the
+earlier layers' inputs unchanged. ``reference.unfused_condensenet`` turns all of this off.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch._prims_common import suggest_memory_format
 
 from ..condense import LearnedGroupConv
 
 BOTTLENECK = 4
+# CPU inference runs a grouped 3x3 conv with at most this many input channels per group as one dense
+# conv with a block-diagonal weight: oneDNN's grouped kernel is about 2x slower than that dense conv
+# for such thin groups (stage 1 of CondenseNet-74: 8 inputs, 2 outputs per group, 112x112), and the
+# zero blocks only add exact zeros. Wider groups keep the grouped kernel (the dense one is slower).
+THIN_GROUP_INPUTS = 8
+
+
+def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The dense [O, G*I, kh, kw] weight equal to a grouped conv's [O, I, kh, kw] weight."""
+    out_channels, per_group_in = weight.shape[:2]
+    dense = weight.new_zeros(out_channels, groups * per_group_in, *weight.shape[2:])
+    per_group_out = out_channels // groups
+    for g in range(groups):
+        dense[g * per_group_out:(g + 1) * per_group_out, g * per_group_in:(g + 1) * per_group_in] = \
+            weight[g * per_group_out:(g + 1) * per_group_out]
+    return dense
+
+
+class GroupConv2d(nn.Conv2d):
+    """nn.Conv2d (zero padding) that can run a grouped conv as the equal dense conv (`as_dense=True`)."""
+
+    def forward(self, x: torch.Tensor, as_dense: bool = False) -> torch.Tensor:
+        if not as_dense or self.groups == 1:
+            return super().forward(x)
+        return F.conv2d(x, block_diagonal(self.weight, self.groups), self.bias, self.stride, self.padding,
+                        self.dilation)
 
 
 class CondenseLayer(nn.Module):
@@ -33,11 +62,39 @@ class CondenseLayer(nn.Module):
         self.conv_2 = nn.Sequential(OrderedDict([
             ("norm", nn.BatchNorm2d(width)),
             ("relu", nn.ReLU(inplace=True)),
-            ("conv", nn.Conv2d(width, growth_rate, kernel_size=3, padding=1, groups=groups, bias=False)),
+            ("conv", GroupConv2d(width, growth_rate, kernel_size=3, padding=1, groups=groups, bias=False)),
         ]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_2(self.conv_1(x))
+
+    def inference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """forward() without autograd, with a thin-group 3x3 conv on CPU run as a dense one."""
+        conv = self.conv_2.conv
+        if x.device.type != "cpu" or conv.groups == 1 or conv.in_channels // conv.groups > THIN_GROUP_INPUTS:
+            return self(x)
+        return conv(self.conv_2.relu(self.conv_2.norm(self.conv_1(x))), as_dense=True)
+
+
+def average_pool_2x2_into(x: torch.Tensor, out: torch.Tensor) -> None:
+    """F.avg_pool2d(x, 2) written into `out` as three strided adds and a scale: on CPU about 3x
+    faster than ATen's NCHW pooling kernel on CondenseNet-74's transitions (equal up to rounding)."""
+    h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+    torch.add(x[..., 0:h:2, 0:w:2], x[..., 1:h:2, 0:w:2], out=out)
+    out.add_(x[..., 0:h:2, 1:w:2]).add_(x[..., 1:h:2, 1:w:2]).mul_(0.25)
+
+
+class AvgPool2x2(nn.AvgPool2d):
+    """2x2 average pooling with stride 2 that can write into a slice of a preallocated buffer (`out`)."""
+
+    def __init__(self):
+        super().__init__(kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            return super().forward(x)
+        average_pool_2x2_into(x, out)
+        return out
 
 
 class CondenseBlock(nn.ModuleDict):
@@ -60,13 +117,19 @@ class CondenseBlock(nn.ModuleDict):
             x = torch.cat([x, layer(x)], 1)
         return x
 
-    def _forward_into_buffer(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_into_buffer(self, x: torch.Tensor, pool: AvgPool2x2 | None = None) -> torch.Tensor:
+        """With `pool`, the block's input is pool(x), written straight into the buffer."""
         n, c, h, w = x.shape
+        if pool is not None:
+            h, w = h // 2, w // 2
         buffer = torch.empty((n, self.out_channels, h, w), dtype=x.dtype, device=x.device,
                              memory_format=suggest_memory_format(x))
-        buffer[:, :c].copy_(x)
+        if pool is not None:
+            pool(x, out=buffer[:, :c])
+        else:
+            buffer[:, :c].copy_(x)
         for layer in self.values():
-            buffer[:, c:c + self.growth_rate].copy_(layer(buffer[:, :c]))
+            buffer[:, c:c + self.growth_rate].copy_(layer.inference_forward(buffer[:, :c]))
             c += self.growth_rate
         return buffer
 
@@ -86,7 +149,7 @@ class CondenseNet(nn.Module):
                                                         bias=False))
         for i, (num_layers, growth) in enumerate(zip(stages, growth_rates)):
             if i > 0:
-                self.features.add_module(f"transition_{i}", nn.AvgPool2d(kernel_size=2, stride=2))
+                self.features.add_module(f"transition_{i}", AvgPool2x2())
             block = CondenseBlock(num_layers, channels, growth, groups, condense_factor, dropout_rate)
             self.features.add_module(f"denseblock_{i + 1}", block)
             channels = block.out_channels
@@ -107,7 +170,23 @@ class CondenseNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
+        features = self.features(x) if torch.is_grad_enabled() else self._inference_features(x)
+        return self.classifier(torch.flatten(features, 1))
+
+    def _inference_features(self, x: torch.Tensor) -> torch.Tensor:
+        """self.features(x), but each 2x2 transition pool followed by a preallocating block pools
+        straight into that block's buffer."""
+        modules = list(self.features.children())
+        i = 0
+        while i < len(modules):
+            following = modules[i + 1] if i + 1 < len(modules) else None
+            if isinstance(modules[i], AvgPool2x2) and isinstance(following, CondenseBlock) and following.preallocate:
+                x = following._forward_into_buffer(x, pool=modules[i])
+                i += 2
+            else:
+                x = modules[i](x)
+                i += 1
+        return x
 
 
 def condensenet_cifar(depth: int = 86, growth_rates=(8, 16, 32), groups: int = 4, condense_factor: int = 4,
