@@ -1,0 +1,153 @@
+"""Measures one configuration inside its own fresh process: peak memory, correctness, time.
+
+Order inside the process: build the model and batch, 1 + `warmup` warm-up steps, then
+1. peak memory of one step above the process's baseline:
+   CPU: the kernel's resident high-water mark (VmHWM) is reset by writing "5" to
+   /proc/self/clear_refs, the baseline is VmRSS just before the step, glibc is told to
+   hand freed blocks back to the OS (mmap threshold 64 KiB, trim threshold 128 KiB) so
+   the RSS follows what is really live;
+   CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus the
+   memory allocated before the step;
+   this step, already warm, is also the first timing sample;
+2. a correctness check against the naive implementation with the same weights, on the
+   first CHECK_BATCH samples of the batch (the full batch would double the run time);
+3. `repeats - 1` more timed steps (CUDA: events + synchronize).
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import statistics
+import time
+import traceback
+
+import torch
+
+from .workloads import BASELINE, Workload
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers from glibc's malloc.h
+CHECK_BATCH = 4
+CHECK_TOLERANCE = 2e-3  # max |x - naive| / max |naive| for every compared tensor (float32, deep nets)
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def return_freed_memory_to_os() -> None:
+    """Makes glibc release freed blocks at once, so the resident set tracks live memory."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, int(MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]))
+        libc.mallopt(_M_TRIM_THRESHOLD, int(MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"]))
+
+
+def _release() -> None:
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} field: peak memory cannot be measured on this system")
+
+
+def cpu_peak_bytes(step) -> int:
+    """Peak resident memory of step() above the resident memory just before it."""
+    _release()
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM to the current VmRSS
+    baseline = _status_kib("VmRSS")
+    step()
+    return (_status_kib("VmHWM") - baseline) * 1024
+
+
+def cuda_peak_bytes(step, device: torch.device) -> int:
+    _release()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - baseline
+
+
+class Timed:
+    """Wraps step(); every call appends its duration in seconds to self.samples."""
+
+    def __init__(self, step, device: torch.device):
+        self.step, self.device, self.samples = step, device, []
+
+    def __call__(self) -> None:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(self.device)
+            start.record()
+            self.step()
+            end.record()
+            end.synchronize()
+            self.samples.append(start.elapsed_time(end) / 1000.0)
+        else:
+            begin = time.perf_counter()
+            self.step()
+            self.samples.append(time.perf_counter() - begin)
+
+
+def compare_with_naive(workload: Workload) -> dict:
+    """Runs the naive implementation with the same weights and batch; returns the worst relative error."""
+    naive = Workload(dict(workload.config, impl=BASELINE), workload.device)
+    naive.model.load_state_dict(workload.model.state_dict())
+    ours, reference = workload.outputs_and_grads(CHECK_BATCH), naive.outputs_and_grads(CHECK_BATCH)
+    if ours.keys() != reference.keys():
+        raise RuntimeError(f"compared tensors differ: {sorted(ours.keys() ^ reference.keys())}")
+    errors = {}
+    for name, expected in reference.items():
+        scale = expected.abs().max().item() or 1.0
+        errors[name] = (ours[name].float() - expected.float()).abs().max().item() / scale
+    worst = max(errors, key=errors.get)
+    return {"max_rel_error": errors[worst], "worst_tensor": worst, "tensors": len(errors),
+            "passed": errors[worst] <= CHECK_TOLERANCE}
+
+
+def measure(config: dict) -> dict:
+    """Every figure for one configuration (run it in a fresh process)."""
+    device = torch.device(config["device"])
+    torch.set_num_threads(config["threads"])
+    return_freed_memory_to_os()
+    workload = Workload(config, device)
+    for _ in range(1 + config["warmup"]):  # lazy initialisation, optimizer state, allocator pools
+        workload.step()
+    timed_step = Timed(workload.step, device)
+    if device.type == "cuda":
+        peak = cuda_peak_bytes(timed_step, device)
+    else:
+        peak = cpu_peak_bytes(timed_step)
+    check = compare_with_naive(workload) if config.get("check", True) and config["impl"] != BASELINE else None
+    if check is not None and not check["passed"]:
+        return {"peak_bytes": peak, "check": check, "error": "correctness check against naive failed"}
+    for _ in range(config["repeats"] - 1):
+        timed_step()
+    samples = timed_step.samples
+    return {"peak_bytes": peak, "check": check,
+            "time_s": {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
+                       "samples": samples}}
+
+
+def measure_to_pipe(config: dict, connection) -> None:
+    """Process entry point: sends measure()'s result, or the error, back through `connection`."""
+    try:
+        result = measure(config)
+    except BaseException as error:  # report everything to the parent, which carries on with the next one
+        result = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+    connection.send(result)
+    connection.close()
