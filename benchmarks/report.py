@@ -39,14 +39,13 @@ def _peak(record: dict) -> float | None:
 
 def _check_text(record: dict) -> str:
     result = record["result"]
+    check = result.get("check")
+    if check is not None:
+        return (f"{'ok' if check['passed'] else 'FAIL'} (error {check['max_rel_error']:.0e}, "
+                f"naive's {check['naive_max_rel_error']:.0e})")
     if "error" in result:
         return "ERROR: " + result["error"].splitlines()[0][:60]
-    check = result.get("check")
-    if record["impl"] == BASELINE:
-        return "reference"
-    if check is None:
-        return "not checked"
-    return f"{'ok' if check['passed'] else 'FAIL'} ({check['max_rel_error']:.0e})"
+    return "reference" if record["impl"] == BASELINE else "not checked"
 
 
 def comparison_rows(group: list[dict]) -> list[list[str]]:

@@ -70,32 +70,32 @@ def describe(config: dict) -> str:
 class Workload:
     """A model, its input and one training or inference step, built on one device and memory format."""
 
-    def __init__(self, config: dict, device: torch.device, seed: int = 0):
+    def __init__(self, config: dict, device: torch.device, seed: int = 0, dtype: torch.dtype = torch.float32):
         builder, self.classifies = WORKLOADS[config["workload"]]
         self.config = config
         self.device = device
         self.memory_format = MEMORY_FORMATS[config["memory_format"]]
         self.training = config["mode"] == "train"
         torch.manual_seed(seed)
-        self.model = builder(config["impl"], config["shape"]).to(device, memory_format=self.memory_format)
+        self.model = builder(config["impl"], config["shape"]).to(device, dtype, memory_format=self.memory_format)
         self.model.train(self.training)
-        self.input, self.target = self._make_batch(seed)
+        self.input, self.target = self._make_batch(seed, dtype)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9) if self.training else None
 
-    def _make_batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _make_batch(self, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.config["shape"]
         generator = torch.Generator().manual_seed(seed + 1)
         channels = s["c0"] if self.config["workload"] == "block" else 3
         x = torch.randn(s["batch"], channels, s["size"], s["size"], generator=generator)
-        x = x.to(self.device).contiguous(memory_format=self.memory_format)
+        x = x.to(self.device, dtype).contiguous(memory_format=self.memory_format)
         if self.classifies:
             target = torch.randint(0, 10 if self.config["workload"] == "densenet_cifar" else 1000, (s["batch"],),
                                    generator=generator).to(self.device)
         else:
-            # The gradient flowing into the block's output, as if the rest of a network followed.
+            # The gradient flowing into the block's output, as if the rest of a network (and a mean loss) followed.
             out_channels = s["c0"] + s["num_layers"] * s["growth"]
             target = torch.randn(s["batch"], out_channels, s["size"], s["size"], generator=generator)
-            target = target.to(self.device).contiguous(memory_format=self.memory_format)
+            target = (target / target.numel()).to(self.device, dtype).contiguous(memory_format=self.memory_format)
             x.requires_grad_(self.training)  # inside a network, a block's input needs a gradient too
         return x, target
 
