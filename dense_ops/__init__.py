@@ -29,6 +29,7 @@ from . import ops  # noqa: E402  (registers fake kernels and autograd)
 from . import functional, reference  # noqa: E402
 from .nn import DenseBlock, DenseLayer, Transition  # noqa: E402
 from . import models  # noqa: E402
+from .convert import swap_dense_blocks  # noqa: E402
 
 
 def build_info() -> dict:
@@ -36,5 +37,6 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["DenseBlock", "DenseLayer", "Transition", "build_info", "functional", "models", "ops", "reference"]
+__all__ = ["DenseBlock", "DenseLayer", "Transition", "build_info", "functional", "models", "ops", "reference",
+           "swap_dense_blocks"]
 __version__ = "0.1.0"

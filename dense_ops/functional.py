@@ -56,8 +56,9 @@ def dense_block(input: torch.Tensor, layer_params: Sequence[torch.Tensor], *, bo
 
     params = list(layer_params)
     low_precision = _autocast_dtype(input.device.type)
-    if low_precision is not None and input.dtype in (torch.float32, torch.float64):
-        # Autocast runs convolutions in low precision and batch norm in float32.
+    if low_precision is not None:
+        # Autocast runs convolutions in low precision and batch norm in float32. The input may
+        # already be low precision (an earlier conv ran under autocast); the weights still need the cast.
         input = input.to(low_precision)
         params = [p.to(low_precision) if p.dim() == 4 else p for p in params]
 

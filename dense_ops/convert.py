@@ -1,0 +1,87 @@
+"""Swap dense_ops blocks into existing models, weights and optimizer references included."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import functional, reference
+from .nn import DenseBlock
+
+
+def _swappable_types() -> tuple[type, ...]:
+    types: tuple[type, ...] = (reference.DenseBlock,)
+    try:
+        from torchvision.models.densenet import _DenseBlock
+    except ImportError:  # torchvision is optional
+        return types
+    return types + (_DenseBlock,)
+
+
+def _is_bottleneck(layer: nn.Module) -> bool:
+    return bool(getattr(layer, "bottleneck", hasattr(layer, "norm2")))
+
+
+def _check_conv(block_name: str, conv: nn.Module, kernel_size: int) -> None:
+    padding = kernel_size // 2
+    if not (isinstance(conv, nn.Conv2d) and conv.bias is None and conv.kernel_size == (kernel_size, kernel_size)
+            and conv.stride == (1, 1) and conv.padding == (padding, padding) and conv.dilation == (1, 1)
+            and conv.groups == 1 and conv.padding_mode == "zeros"):
+        raise ValueError(f"swap_dense_blocks: {block_name} has a layer whose conv is {conv}, expected a "
+                         f"{kernel_size}x{kernel_size} Conv2d with stride 1, padding {padding} and no bias")
+
+
+def _block_geometry(block_name: str, layers: list[nn.Module]) -> tuple[int, int | None, int, float]:
+    """(num_input_features, bn_size, growth_rate, drop_rate) of a torchvision or naive block."""
+    bottleneck = _is_bottleneck(layers[0])
+    last_conv = layers[0].conv2 if bottleneck else layers[0].conv1
+    growth_rate = last_conv.out_channels
+    bn_size = layers[0].conv1.out_channels // growth_rate if bottleneck else None
+    drop_rate = float(layers[0].drop_rate)
+    for layer in layers:
+        if _is_bottleneck(layer) != bottleneck or float(layer.drop_rate) != drop_rate:
+            raise ValueError(f"swap_dense_blocks: the layers of {block_name} differ in bottleneck or drop_rate")
+        _check_conv(block_name, layer.conv1, 1 if bottleneck else 3)
+        if bottleneck:
+            _check_conv(block_name, layer.conv2, 3)
+    return layers[0].norm1.num_features, bn_size, growth_rate, drop_rate
+
+
+def _swap_block(block_name: str, block: nn.Module, recompute: str) -> DenseBlock:
+    """A DenseBlock that owns the old block's norm and conv modules (the same parameter objects)."""
+    layers = list(block.values())
+    if not layers:
+        raise ValueError(f"swap_dense_blocks: {block_name} has no layers")
+    num_input_features, bn_size, growth_rate, drop_rate = _block_geometry(block_name, layers)
+    memory_efficient = bool(getattr(layers[0], "memory_efficient", True))
+    with torch.device("meta"):  # placeholders only: every tensor is replaced below
+        new_block = DenseBlock(len(layers), num_input_features, bn_size, growth_rate, drop_rate, memory_efficient,
+                               recompute=recompute)
+    owned = ("norm1", "conv1", "norm2", "conv2") if bn_size else ("norm1", "conv1")
+    for new_layer, old_layer in zip(new_block.values(), layers):
+        for name in owned:
+            setattr(new_layer, name, getattr(old_layer, name))
+    return new_block.train(block.training)
+
+
+def swap_dense_blocks(model: nn.Module, *, recompute: str = "bn_relu") -> nn.Module:
+    """Replaces, in place, every torchvision _DenseBlock and dense_ops.reference.DenseBlock in
+    `model` with a dense_ops.DenseBlock and returns the model.
+
+    The new blocks take over the old blocks' BatchNorm and Conv modules, so parameters and
+    buffers are the same objects (optimizers keep working), on the same device and dtype;
+    train/eval mode and drop_rate carry over. Only these exact classes are swapped: subclasses
+    may change forward and are left alone. If `model` itself is such a block, the new block
+    is returned. `recompute` is passed to every new DenseBlock.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"swap_dense_blocks: model must be a torch.nn.Module, got {type(model).__name__}")
+    functional.check_recompute(recompute)
+    swappable = _swappable_types()
+    if type(model) in swappable:
+        return _swap_block(type(model).__name__, model, recompute)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) in swappable:
+                qualified = f"{name}.{child_name}" if name else child_name
+                setattr(module, child_name, _swap_block(qualified, child, recompute))
+    return model
