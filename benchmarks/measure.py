@@ -28,7 +28,7 @@ from .workloads import BASELINE, Workload
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers from glibc's malloc.h
-CHECK_BATCH = 4
+CHECK_BATCH = 2
 CHECK_TOLERANCE = 1e-3  # max |x - exact| / max |exact| for every compared tensor
 CHECK_SLACK = 4.0
 
