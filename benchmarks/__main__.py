@@ -1,4 +1,4 @@
-"""python -m benchmarks [--quick | --full] [--device cpu|cuda] [--out DIR] [--only SUITE ...]
+"""python -m benchmarks [--quick | --full | --smoke] [--device cpu|cuda] [--out DIR] [--only SUITE ...]
 
 Measures peak memory and time of dense blocks and DenseNets with the naive torch.cat
 implementation, torchvision's checkpointing (memory_efficient=True) and dense_ops at
@@ -20,25 +20,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", dest="quick", action="store_true", default=True,
-                      help="the default set: a few minutes on 2 CPU cores")
-    size.add_argument("--full", dest="quick", action="store_false",
-                      help="more repetitions, deeper sweeps, larger densenet121 inputs")
+    size.add_argument("--quick", dest="size", action="store_const", const="quick", default="quick",
+                      help="the default set: about 5 minutes on 2 quiet CPU cores")
+    size.add_argument("--full", dest="size", action="store_const", const="full",
+                      help="issue 2's batch sizes, more repetitions, deeper sweeps, both formats everywhere")
+    size.add_argument("--smoke", dest="size", action="store_const", const="smoke",
+                      help="tiny sizes, seconds per configuration: checks the machinery, figures mean little")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<machine-id>/)")
     parser.add_argument("--only", nargs="+", choices=sorted(SUITES), metavar="SUITE",
                         help=f"run only these suites: {', '.join(SUITES)}")
-    parser.add_argument("--repeats", type=int, help="timed steps per configuration (default 3 quick, 10 full)")
+    parser.add_argument("--repeats", type=int, help="timed steps per configuration (default 10 full, else 3)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up steps besides the first one "
-                                                   "(default 0 quick, 2 full)")
+                                                   "(default 2 full, else 0)")
     parser.add_argument("--threads", type=int, default=runner.available_cores(),
                         help="torch threads (default: the cores available, %(default)s here)")
     parser.add_argument("--budget-gib", type=float, default=2.0, help="memory budget of the depth search")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration")
     args = parser.parse_args(argv)
-    args.repeats = args.repeats or (3 if args.quick else 10)
-    args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 2)
-    args.sweep_repeats = min(args.repeats, 1 if args.quick else 3)  # the deepest blocks are slow to time
+    full = args.size == "full"
+    args.repeats = args.repeats or (10 if full else 3)
+    args.warmup = args.warmup if args.warmup is not None else (2 if full else 0)
+    args.sweep_repeats = min(args.repeats, 3 if full else 1)  # the deepest blocks are slow to time
     for name in ("repeats", "threads", "budget_gib", "timeout"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
