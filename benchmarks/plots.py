@@ -30,11 +30,12 @@ def _plot_sweep(path: Path, series, ylabel: str, scale: float, budget: float | N
     plt = _pyplot()
     figure, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 4.5), squeeze=False)
     for axis, growth in zip(axes[0], sorted(series)):
+        largest = max(value for points in series[growth].values() for _, value in points)
         for impl in IMPLEMENTATIONS:
             if impl in series[growth]:
                 depths, values = zip(*series[growth][impl])
                 axis.plot(depths, [v / scale for v in values], "o-", color=COLORS[impl], label=impl)
-        if budget is not None:
+        if budget is not None and budget <= 1.5 * largest:  # else the line would flatten the curves
             axis.axhline(budget / scale, color="gray", linestyle="--", label=f"budget {budget / 2**30:g} GiB")
         axis.set_title(f"one dense block, growth rate k={growth}")
         axis.set_xlabel("layers L")

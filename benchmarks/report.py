@@ -88,6 +88,9 @@ def depth_rows(records: list[dict], growth: int) -> tuple[list[str], list[list[s
     return ["L"] + [f"{impl} (peak / time)" for impl in impls], rows
 
 
+SEARCH_LIMIT = 20  # the budget search looks up to this many times the deepest measured block
+
+
 def deepest_within_budget(records: list[dict], budget_bytes: float) -> list[dict]:
     """Per growth rate and implementation: the deepest block whose peak memory fits the budget.
 
@@ -108,18 +111,18 @@ def deepest_within_budget(records: list[dict], budget_bytes: float) -> list[dict
             continue
         depths, peaks = map(np.asarray, zip(*sorted(measured)))
         fit = np.polynomial.Polynomial.fit(depths, peaks, 2)
-        grid = np.arange(1, 100 * depths.max() + 1)
+        grid = np.arange(1, SEARCH_LIMIT * depths.max() + 1)
         fitting = grid[fit(grid) <= budget_bytes]
         deepest = int(fitting.max()) if fitting.size else 0
         estimates.append({"growth": growth, "impl": impl, "deepest_layers": deepest,
-                          "measured": bool(deepest <= depths.max()), "measured_depths": depths.tolist(),
-                          "peaks_bytes": peaks.tolist()})
+                          "measured": bool(deepest <= depths.max()), "beyond_search": deepest == grid[-1],
+                          "measured_depths": depths.tolist(), "peaks_bytes": peaks.tolist()})
     return estimates
 
 
 def budget_rows(estimates: list[dict]) -> list[list[str]]:
     naive = {e["growth"]: e["deepest_layers"] for e in estimates if e["impl"] == BASELINE}
-    return [[str(e["growth"]), e["impl"], str(e["deepest_layers"]),
+    return [[str(e["growth"]), e["impl"], (">= " if e["beyond_search"] else "") + str(e["deepest_layers"]),
              "interpolated" if e["measured"] else "extrapolated",
              _ratio(e["deepest_layers"], naive.get(e["growth"]))] for e in estimates]
 
