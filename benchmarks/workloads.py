@@ -64,7 +64,7 @@ def describe(config: dict) -> str:
         return f"block L={s['num_layers']} k={s['growth']} C0={s['c0']} N={s['batch']} {s['size']}x{s['size']}"
     if config["workload"] == "densenet_cifar":
         return f"DenseNet-BC-{s['depth']} k={s['growth']} N={s['batch']} {s['size']}x{s['size']}"
-    return f"densenet121 N={config['shape']['batch']} {s['size']}x{s['size']}"
+    return f"densenet121 N={s['batch']} {s['size']}x{s['size']}"
 
 
 class Workload:
