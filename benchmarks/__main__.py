@@ -66,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     records = runner.run_all(configs, args.timeout)
 
     budget = args.budget_gib * 2**30
+    options = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    report.write_json(out / "results.json", records, machine, options, budget)  # first: the raw figures
     tables = report.sections(records, budget)
     report.print_tables(tables)
     command = "python -m benchmarks " + shlex.join(argv if argv is not None else sys.argv[1:])
-    options = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-    report.write_json(out / "results.json", records, machine, options, budget)
     report.write_markdown(out / "results.md", tables, machine, command.strip())
     written = plots.write_plots(out, records, budget)
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and {len(written)} plots to {out}")

@@ -115,7 +115,7 @@ def deepest_within_budget(records: list[dict], budget_bytes: float) -> list[dict
         fitting = grid[fit(grid) <= budget_bytes]
         deepest = int(fitting.max()) if fitting.size else 0
         estimates.append({"growth": growth, "impl": impl, "deepest_layers": deepest,
-                          "measured": bool(deepest <= depths.max()), "beyond_search": deepest == grid[-1],
+                          "measured": bool(deepest <= depths.max()), "beyond_search": bool(deepest == grid[-1]),
                           "measured_depths": depths.tolist(), "peaks_bytes": peaks.tolist()})
     return estimates
 
