@@ -1,0 +1,1 @@
+"""dense-ops benchmarks: `python -m benchmarks --help`."""

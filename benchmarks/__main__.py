@@ -1,0 +1,82 @@
+"""python -m benchmarks [--quick | --full | --smoke] [--device cpu|cuda] [--out DIR] [--only SUITE ...]
+
+Measures peak memory and time of dense blocks and DenseNets with the naive torch.cat
+implementation, torchvision's checkpointing (memory_efficient=True) and dense_ops at
+each recompute level, prints tables with ratios against naive and writes
+results.json, results.md and PNG plots to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from . import plots, report, runner
+from .suites import SUITES
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="size", action="store_const", const="quick", default="quick",
+                      help="the default set: about 5 minutes on 2 quiet CPU cores")
+    size.add_argument("--full", dest="size", action="store_const", const="full",
+                      help="issue 2's batch sizes, more repetitions, deeper sweeps, both formats everywhere")
+    size.add_argument("--smoke", dest="size", action="store_const", const="smoke",
+                      help="tiny sizes, seconds per configuration: checks the machinery, figures mean little")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<machine-id>/)")
+    parser.add_argument("--only", nargs="+", choices=sorted(SUITES), metavar="SUITE",
+                        help=f"run only these suites: {', '.join(SUITES)}")
+    parser.add_argument("--repeats", type=int, help="timed steps per configuration (default 10 full, else 3)")
+    parser.add_argument("--warmup", type=int, help="untimed warm-up steps besides the first one "
+                                                   "(default 2 full, else 0)")
+    parser.add_argument("--threads", type=int, default=runner.available_cores(),
+                        help="torch threads (default: the cores available, %(default)s here)")
+    parser.add_argument("--budget-gib", type=float, default=2.0, help="memory budget of the depth search")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration")
+    args = parser.parse_args(argv)
+    full = args.size == "full"
+    args.repeats = args.repeats or (10 if full else 3)
+    args.warmup = args.warmup if args.warmup is not None else (2 if full else 0)
+    args.sweep_repeats = min(args.repeats, 3 if full else 1)  # the deepest blocks are slow to time
+    for name in ("repeats", "threads", "budget_gib", "timeout"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            print("--device cuda: no CUDA device is available", file=sys.stderr)
+            return 2
+    machine = runner.machine_info(args.device, args.threads)
+    out = args.out or runner.REPO_ROOT / "benchmarks" / "results" / runner.machine_id(machine)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = [config for name in (args.only or SUITES) for config in SUITES[name](args)]
+    print(f"{len(configs)} configurations on {report.machine_line(machine)}", file=sys.stderr)
+
+    records = runner.run_all(configs, args.timeout)
+
+    budget = args.budget_gib * 2**30
+    options = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    report.write_json(out / "results.json", records, machine, options, budget)  # first: the raw figures
+    tables = report.sections(records, budget)
+    report.print_tables(tables)
+    command = "python -m benchmarks " + shlex.join(argv if argv is not None else sys.argv[1:])
+    report.write_markdown(out / "results.md", tables, machine, command.strip())
+    written = plots.write_plots(out, records, budget)
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and {len(written)} plots to {out}")
+    failed = [r for r in records if "error" in r["result"]]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

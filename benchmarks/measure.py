@@ -1,0 +1,168 @@
+"""Measures one configuration inside its own fresh process: peak memory, correctness, time.
+
+Order inside the process: build the model and batch, then
+1. a correctness check of outputs and gradients against the naive implementation with the
+   same weights, on the first CHECK_BATCH samples of the batch (see compare_with_naive);
+2. 1 + `warmup` warm-up steps;
+3. peak memory of one step above the process's baseline:
+   CPU: the kernel's resident high-water mark (VmHWM) is reset by writing "5" to
+   /proc/self/clear_refs, the baseline is VmRSS just before the step, glibc is told to
+   hand freed blocks back to the OS (mmap threshold 64 KiB, trim threshold 128 KiB) so
+   the RSS follows what is really live;
+   CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus the
+   memory allocated before the step;
+   this step, already warm, is also the first timing sample;
+4. `repeats - 1` more timed steps (CUDA: events + synchronize).
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import statistics
+import time
+import traceback
+
+import torch
+
+from .workloads import BASELINE, Workload
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers from glibc's malloc.h
+CHECK_BATCH = 2
+CHECK_TOLERANCE = 1e-3  # max |x - exact| / max |exact| for every compared tensor
+CHECK_SLACK = 4.0
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def return_freed_memory_to_os() -> None:
+    """Makes glibc release freed blocks at once, so the resident set tracks live memory."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, int(MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]))
+        libc.mallopt(_M_TRIM_THRESHOLD, int(MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"]))
+
+
+def _release() -> None:
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} field: peak memory cannot be measured on this system")
+
+
+def cpu_peak_bytes(step) -> int:
+    """Peak resident memory of step() above the resident memory just before it."""
+    _release()
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM to the current VmRSS
+    baseline = _status_kib("VmRSS")
+    step()
+    return (_status_kib("VmHWM") - baseline) * 1024
+
+
+def cuda_peak_bytes(step, device: torch.device) -> int:
+    _release()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - baseline
+
+
+class Timed:
+    """Wraps step(); every call appends its duration in seconds to self.samples."""
+
+    def __init__(self, step, device: torch.device):
+        self.step, self.device, self.samples = step, device, []
+
+    def __call__(self) -> None:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(self.device)
+            start.record()
+            self.step()
+            end.record()
+            end.synchronize()
+            self.samples.append(start.elapsed_time(end) / 1000.0)
+        else:
+            begin = time.perf_counter()
+            self.step()
+            self.samples.append(time.perf_counter() - begin)
+
+
+def _max_rel_error(results: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """The worst max |x - exact| / max |exact| over the compared tensors, and that tensor's name."""
+    if results.keys() != exact.keys():
+        raise RuntimeError(f"compared tensors differ: {sorted(results.keys() ^ exact.keys())}")
+    errors = {name: ((results[name].double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+              for name, expected in exact.items()}
+    worst = max(errors, key=errors.get)
+    return errors[worst], worst
+
+
+def compare_with_naive(workload: Workload) -> dict:
+    """Checks outputs and gradients against the naive implementation with the same weights and batch.
+
+    Both are compared with the naive implementation in float64: ours passes when its error
+    is below CHECK_TOLERANCE or within CHECK_SLACK times the float32 naive one's own error
+    (float32 convolutions, channels_last ones especially, can be far from float64).
+    """
+    def naive(dtype: torch.dtype) -> Workload:
+        twin = Workload(dict(workload.config, impl=BASELINE), workload.device, dtype=dtype)
+        twin.model.load_state_dict(workload.model.state_dict())
+        return twin.outputs_and_grads(CHECK_BATCH)
+
+    exact = {name: t.double() for name, t in naive(torch.float64).items()}
+    error, worst = _max_rel_error(workload.outputs_and_grads(CHECK_BATCH), exact)
+    naive_error, _ = _max_rel_error(naive(workload.input.dtype), exact)
+    return {"max_rel_error": error, "worst_tensor": worst, "naive_max_rel_error": naive_error,
+            "tensors": len(exact), "passed": error <= max(CHECK_TOLERANCE, CHECK_SLACK * naive_error)}
+
+
+def measure(config: dict) -> dict:
+    """Every figure for one configuration (run it in a fresh process)."""
+    device = torch.device(config["device"])
+    torch.set_num_threads(config["threads"])
+    return_freed_memory_to_os()
+    workload = Workload(config, device)
+    check = compare_with_naive(workload) if config.get("check", True) and config["impl"] != BASELINE else None
+    if check is not None and not check["passed"]:
+        return {"check": check, "error": "correctness check against naive failed"}
+    for _ in range(1 + config["warmup"]):  # lazy initialisation, optimizer state, allocator pools
+        workload.step()
+    timed_step = Timed(workload.step, device)
+    if device.type == "cuda":
+        peak = cuda_peak_bytes(timed_step, device)
+    else:
+        peak = cpu_peak_bytes(timed_step)
+    for _ in range(config["repeats"] - 1):
+        timed_step()
+    samples = timed_step.samples
+    return {"peak_bytes": peak, "check": check,
+            "time_s": {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
+                       "samples": samples}}
+
+
+def measure_to_pipe(config: dict, connection) -> None:
+    """Process entry point: sends measure()'s result, or the error, back through `connection`."""
+    try:
+        result = measure(config)
+    except BaseException as error:  # report everything to the parent, which carries on with the next one
+        result = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+    connection.send(result)
+    connection.close()

@@ -1,0 +1,112 @@
+"""Runs every configuration in a fresh process and describes the machine it ran on.
+
+Fresh processes come from a multiprocessing fork server that has imported torch,
+torchvision and dense_ops and allocated no tensors: each configuration starts from a
+clean heap without paying the import time again. The server is started with glibc's
+malloc thresholds in its environment (see measure.MALLOC_ENV).
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+from . import measure
+from .progress import progress_bar
+from .workloads import describe
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRELOAD = ["torch", "torchvision.models.densenet", "dense_ops", "benchmarks.measure"]
+
+
+def _fork_server():
+    os.environ.update(measure.MALLOC_ENV)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
+
+
+def run_one(context, config: dict, timeout_s: float) -> dict:
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=measure.measure_to_pipe, args=(config, sender), daemon=True)
+    process.start()
+    sender.close()
+    try:
+        if not receiver.poll(timeout_s):
+            return {"error": f"timed out after {timeout_s:.0f} s"}
+        return receiver.recv()
+    except EOFError:
+        return {"error": "the measuring process died without a result (out of memory?)"}
+    finally:
+        process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def run_all(configs: list[dict], timeout_s: float) -> list[dict]:
+    """[config + {"result": ...}] for every configuration, in order."""
+    context = _fork_server()
+    bar = progress_bar(len(configs))
+    records = []
+    try:
+        for config in configs:
+            bar.set_description(f"{config['suite']}: {config['impl']} {config['memory_format']}")
+            result = run_one(context, config, timeout_s)
+            if "error" in result:
+                bar.write(f"FAILED {config['suite']} {describe(config)} {config['impl']} "
+                          f"{config['memory_format']}: {result['error']}")
+            records.append(dict(config, result=result))
+            bar.update(1)
+    finally:
+        bar.close()
+    return records
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def machine_info(device: str, threads: int) -> dict:
+    import dense_ops
+    import torchvision
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() else None
+    return {"cpu": _cpu_model(), "cores": available_cores(), "threads": threads, "gpu": gpu,
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "dense_ops": dense_ops.__version__,
+            "git_commit": _git_commit()}
+
+
+def machine_id(info: dict) -> str:
+    """A folder name for this machine, e.g. 'amd-epyc-2c' or 'intel-xeon-8c-nvidia-a100'."""
+    slug = lambda text: re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")  # noqa: E731
+    name = f"{slug(info['cpu'])}-{info['cores']}c"
+    return name + (f"-{slug(info['gpu'])}" if info["gpu"] else "")

@@ -1,0 +1,81 @@
+"""The benchmark suites: each turns the command-line options into a list of configurations."""
+from __future__ import annotations
+
+from itertools import product
+
+from .workloads import IMPLEMENTATIONS, MEMORY_FORMATS
+
+# Sizes per set. "full" uses issue 2's sizes: one dense block with L=24, C0=32, k=12,
+# bn_size=4 at N=32, 32x32, and DenseNet-BC-100 (k=12) at N=64, 32x32. "quick" keeps the
+# layers and maps but runs a quarter of the batch (memory and time both scale with N, so
+# the ratios to naive hold) to stay within about 5 minutes on 2 quiet CPU cores. "smoke"
+# is tiny: seconds per configuration, for checking the benchmark machinery only.
+# The depth sweep runs blocks at the 8x8 resolution of a CIFAR DenseNet's last block, C0 = 2k.
+SIZES = {
+    "full": {"block": {"num_layers": 24, "c0": 32, "growth": 12, "bn_size": 4, "batch": 32, "size": 32},
+             "cifar": {"depth": 100, "growth": 12, "batch": 64, "size": 32},
+             "imagenet": {"batch": 16, "size": 128},
+             "sweep": {"batch": 8, "size": 8, "depths": {12: (16, 32, 64, 128, 192, 256),
+                                                          32: (16, 32, 64, 128, 192, 256)}}},
+    "quick": {"block": {"num_layers": 24, "c0": 32, "growth": 12, "bn_size": 4, "batch": 8, "size": 32},
+              "cifar": {"depth": 100, "growth": 12, "batch": 16, "size": 32},
+              "imagenet": {"batch": 8, "size": 64},
+              "sweep": {"batch": 8, "size": 8, "depths": {12: (16, 32, 64, 128), 32: (16, 32, 64)}}},
+    "smoke": {"block": {"num_layers": 6, "c0": 16, "growth": 8, "bn_size": 4, "batch": 4, "size": 16},
+              "cifar": {"depth": 40, "growth": 12, "batch": 4, "size": 32},
+              "imagenet": {"batch": 2, "size": 32},
+              "sweep": {"batch": 2, "size": 8, "depths": {12: (4, 8, 16), 32: (4, 8, 16)}}},
+}
+INFERENCE_IMPLEMENTATIONS = ("naive", "dense_ops/bn_relu")  # recompute levels only differ in training
+
+
+def _configs(suite: str, workload: str, shapes, impls, formats, mode: str, options) -> list[dict]:
+    return [{"suite": suite, "workload": workload, "shape": shape, "impl": impl, "memory_format": memory_format,
+             "mode": mode, "device": options.device, "threads": options.threads, "warmup": options.warmup,
+             "repeats": options.repeats, "check": True}
+            for shape, memory_format, impl in product(shapes, formats, impls)]
+
+
+def _formats(options) -> list[str]:
+    """Whole networks: contiguous only except in the full set (the block suite covers both formats)."""
+    return list(MEMORY_FORMATS) if options.size == "full" else ["contiguous"]
+
+
+def block(options) -> list[dict]:
+    return _configs("block", "block", [SIZES[options.size]["block"]], IMPLEMENTATIONS, MEMORY_FORMATS, "train", options)
+
+
+def densenet_bc100(options) -> list[dict]:
+    return _configs("densenet_bc100", "densenet_cifar", [SIZES[options.size]["cifar"]], IMPLEMENTATIONS, _formats(options),
+                    "train", options)
+
+
+def densenet121(options) -> list[dict]:
+    return _configs("densenet121", "densenet121", [SIZES[options.size]["imagenet"]], IMPLEMENTATIONS,
+                    _formats(options), "train", options)
+
+
+def depth(options) -> list[dict]:
+    """Dense blocks of growing depth (contiguous format): memory and time against L."""
+    configs = []
+    sweep = SIZES[options.size]["sweep"]
+    for growth, depths in sweep["depths"].items():
+        shapes = [{"num_layers": layers, "c0": 2 * growth, "growth": growth, "bn_size": 4, "batch": sweep["batch"],
+                   "size": sweep["size"]} for layers in depths]
+        for config in _configs("depth", "block", shapes, IMPLEMENTATIONS, ["contiguous"], "train", options):
+            # one correctness check per implementation and growth rate (the block suite checks the rest)
+            config["check"] = config["shape"]["num_layers"] == depths[0]
+            config["repeats"] = options.sweep_repeats
+            configs.append(config)
+    return configs
+
+
+def inference(options) -> list[dict]:
+    return (_configs("inference", "block", [SIZES[options.size]["block"]], INFERENCE_IMPLEMENTATIONS, MEMORY_FORMATS,
+                     "eval", options)
+            + _configs("inference", "densenet_cifar", [SIZES[options.size]["cifar"]], INFERENCE_IMPLEMENTATIONS,
+                       _formats(options), "eval", options))
+
+
+SUITES = {"block": block, "densenet_bc100": densenet_bc100, "densenet121": densenet121, "depth": depth,
+          "inference": inference}

@@ -1,0 +1,136 @@
+"""What gets measured: a model for each (workload, implementation) and the step that runs it.
+
+A configuration is a plain dict (it crosses process boundaries), for example
+  {"workload": "block", "impl": "dense_ops/bn_relu", "memory_format": "channels_last",
+   "mode": "train", "shape": {"num_layers": 24, "c0": 32, "growth": 12, "bn_size": 4,
+   "batch": 32, "size": 32}}
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMPLEMENTATIONS = ("naive", "checkpoint", "dense_ops/bn_relu", "dense_ops/bottleneck")
+BASELINE = "naive"
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def block_type_and_recompute(impl: str) -> tuple[str, str]:
+    """'dense_ops/bottleneck' -> ('dense_ops', 'bottleneck'); the others use the default level."""
+    block_type, _, recompute = impl.partition("/")
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    return block_type, recompute or "bn_relu"
+
+
+def _dense_block(impl: str, shape: dict) -> nn.Module:
+    import dense_ops
+    block_type, recompute = block_type_and_recompute(impl)
+    args = (shape["num_layers"], shape["c0"], shape["bn_size"], shape["growth"])
+    if block_type == "naive":
+        return dense_ops.reference.DenseBlock(*args)
+    if block_type == "checkpoint":
+        from torchvision.models.densenet import _DenseBlock
+        return _DenseBlock(*args, drop_rate=0.0, memory_efficient=True)
+    return dense_ops.DenseBlock(*args, recompute=recompute)
+
+
+def _densenet_cifar(impl: str, shape: dict) -> nn.Module:
+    from dense_ops import models
+    block_type, recompute = block_type_and_recompute(impl)
+    return models.densenet_cifar(depth=shape["depth"], growth_rate=shape["growth"], block_type=block_type,
+                                 recompute=recompute)
+
+
+def _densenet121(impl: str, shape: dict) -> nn.Module:
+    from dense_ops import models
+    block_type, recompute = block_type_and_recompute(impl)
+    return models.densenet121(block_type=block_type, recompute=recompute)
+
+
+# workload name -> (model builder, does the model classify (else: it returns a feature map))
+WORKLOADS = {
+    "block": (_dense_block, False),
+    "densenet_cifar": (_densenet_cifar, True),
+    "densenet121": (_densenet121, True),
+}
+
+
+def describe(config: dict) -> str:
+    """A short human-readable name of a configuration's workload and shape."""
+    s = config["shape"]
+    if config["workload"] == "block":
+        return f"block L={s['num_layers']} k={s['growth']} C0={s['c0']} N={s['batch']} {s['size']}x{s['size']}"
+    if config["workload"] == "densenet_cifar":
+        return f"DenseNet-BC-{s['depth']} k={s['growth']} N={s['batch']} {s['size']}x{s['size']}"
+    return f"densenet121 N={s['batch']} {s['size']}x{s['size']}"
+
+
+class Workload:
+    """A model, its input and one training or inference step, built on one device and memory format."""
+
+    def __init__(self, config: dict, device: torch.device, seed: int = 0, dtype: torch.dtype = torch.float32):
+        builder, self.classifies = WORKLOADS[config["workload"]]
+        self.config = config
+        self.device = device
+        self.memory_format = MEMORY_FORMATS[config["memory_format"]]
+        self.training = config["mode"] == "train"
+        torch.manual_seed(seed)
+        self.model = builder(config["impl"], config["shape"]).to(device, dtype, memory_format=self.memory_format)
+        self.model.train(self.training)
+        self.input, self.target = self._make_batch(seed, dtype)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9) if self.training else None
+
+    def _make_batch(self, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.config["shape"]
+        generator = torch.Generator().manual_seed(seed + 1)
+        channels = s["c0"] if self.config["workload"] == "block" else 3
+        x = torch.randn(s["batch"], channels, s["size"], s["size"], generator=generator)
+        x = x.to(self.device, dtype).contiguous(memory_format=self.memory_format)
+        if self.classifies:
+            target = torch.randint(0, 10 if self.config["workload"] == "densenet_cifar" else 1000, (s["batch"],),
+                                   generator=generator).to(self.device)
+        else:
+            # The gradient flowing into the block's output, as if the rest of a network (and a mean loss) followed.
+            out_channels = s["c0"] + s["num_layers"] * s["growth"]
+            target = torch.randn(s["batch"], out_channels, s["size"], s["size"], generator=generator)
+            target = (target / target.numel()).to(self.device, dtype).contiguous(memory_format=self.memory_format)
+            x.requires_grad_(self.training)  # inside a network, a block's input needs a gradient too
+        return x, target
+
+    def backward(self, output: torch.Tensor, samples: int | None = None) -> None:
+        """Cross-entropy against random labels, or the given output gradient for a lone block."""
+        target = self.target[:samples]
+        if self.classifies:
+            F.cross_entropy(output, target).backward()
+        else:
+            output.backward(target)
+
+    def step(self) -> None:
+        """Training: forward + backward + SGD step (gradients freed after); inference: a no-grad forward."""
+        if not self.training:
+            with torch.no_grad():
+                self.model(self.input)
+            return
+        self.backward(self.model(self.input))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.input.grad = None
+
+    def outputs_and_grads(self, samples: int) -> dict[str, torch.Tensor]:
+        """Output, and in training the input and parameter gradients, of one pass over the first
+        `samples` samples of the batch (no optimizer step)."""
+        self.model.zero_grad(set_to_none=True)
+        x = self.input[:samples].detach().requires_grad_(self.input.requires_grad)
+        if not self.training:
+            with torch.no_grad():
+                return {"output": self.model(x)}
+        output = self.model(x)
+        self.backward(output, samples)
+        results = {"output": output.detach()}
+        if x.requires_grad:
+            results["input.grad"] = x.grad
+        results.update({f"{name}.grad": p.grad for name, p in self.model.named_parameters()})
+        self.model.zero_grad(set_to_none=True)
+        return results
