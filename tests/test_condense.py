@@ -13,20 +13,9 @@ from dense_ops.condense import _learned_group_convs as learned_group_convs, cond
 from dense_ops.models import condensenet74, condensenet_cifar
 from dense_ops.models.condensenet import average_pool_2x2_into, block_diagonal
 from dense_ops.utils import count_flops_params
+from helpers import randomize_batch_norms as randomize
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
-
-
-def randomize(module: nn.Module) -> nn.Module:
-    """Non-trivial BN statistics and affine parameters, so a wrong channel cannot hide."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(-1.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return module
 
 
 def condensed_layer(in_channels=12, out_channels=8, groups=4, kept=2, dtype=torch.float64, device="cpu"):
