@@ -26,12 +26,8 @@ def _norms(layer: nn.Module) -> list[nn.BatchNorm2d]:
 
 
 def _momentum_factors(norms: list[nn.BatchNorm2d]) -> list[float]:
-    """Counts one training step in every BN and returns its averaging factor, as nn.BatchNorm2d does."""
-    factors = []
-    for bn in norms:
-        bn.num_batches_tracked.add_(1)
-        factors.append(1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum)
-    return factors
+    """The averaging factor of this training step in every BN, as nn.BatchNorm2d computes it."""
+    return [1.0 / float(bn.num_batches_tracked + 1) if bn.momentum is None else bn.momentum for bn in norms]
 
 
 def _check_norms(norms: list[nn.BatchNorm2d]) -> float:
@@ -52,8 +48,12 @@ def run_layers(layers: list[nn.Module], x: torch.Tensor, training: bool, recompu
     eps = _check_norms(norms1 + norms2)
     momentum = _momentum_factors(norms1 + norms2) if training else []
     params = [t for layer in layers for t in _layer_params(layer)]
-    return functional.dense_block(x, params, bottleneck=bottleneck, training=training, momentum=momentum, eps=eps,
-                                  drop_rate=layers[0].drop_rate, recompute=recompute)
+    features = functional.dense_block(x, params, bottleneck=bottleneck, training=training, momentum=momentum,
+                                      eps=eps, drop_rate=layers[0].drop_rate, recompute=recompute)
+    if training:  # counted once the step succeeded: a rejected input leaves the block untouched
+        for bn in norms1 + norms2:
+            bn.num_batches_tracked.add_(1)
+    return features
 
 
 class DenseLayer(reference.DenseLayer):
