@@ -310,7 +310,8 @@ at::Tensor bottleneck_output_backward(const Block& b, int64_t l, const at::Tenso
   b.kernels.bn_relu_forward(bottleneck_out, bn2, z2, b.cl);
   auto [grad_z2, grad_conv2] = conv_backward(grad_new, z2, b.weight(l, kConv2Weight), need_weights, b.format);
   at::Tensor accumulated = b.empty(width, b.acc);
-  at::Tensor sum_dy_xhat = at::zeros({width}, accumulated.options()), sum_dy = at::zeros({width}, accumulated.options());
+  at::Tensor sum_dy_xhat = at::zeros({width}, accumulated.options().dtype(at::kDouble));
+  at::Tensor sum_dy = at::zeros({width}, accumulated.options().dtype(at::kDouble));
   b.kernels.bn_relu_backward(bottleneck_out, grad_z2, bn2, accumulated, false, sum_dy_xhat, sum_dy, b.cl);
   at::Tensor proj_mean, proj_xhat;
   if (b.training) {
@@ -412,7 +413,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dense_block_backward(
     }
     if (dropout_mask.has_value()) grad_new = grad_new * dropout_mask->narrow(1, l * s.growth, s.growth);
 
-    at::Tensor sum_dy_xhat = at::zeros({c}, acc_options), sum_dy = at::zeros({c}, acc_options);
+    at::Tensor sum_dy_xhat = at::zeros({c}, acc_options.dtype(at::kDouble)), sum_dy = at::zeros({c}, acc_options.dtype(at::kDouble));
     if (bottleneck) {
       const at::Tensor& out = keep_bottleneck ? saved_bottleneck[l] : recomputed_bottleneck;
       if (!keep_bottleneck) bottleneck_forward(b, l, out);

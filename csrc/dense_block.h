@@ -28,7 +28,8 @@ struct BnKernels {
   // out = relu(batch_norm(x)).
   void (*bn_relu_forward)(const at::Tensor& x, const BnParams& bn, const at::Tensor& out, bool channels_last);
   // The fused backward of one reader of x: dy = grad_out * relu mask; writes (or adds to)
-  // accumulated: scale * dy; adds sum(dy * x_hat) and sum(dy) to sum_dy_xhat and sum_dy.
+  // accumulated: scale * dy; adds sum(dy * x_hat) and sum(dy) to sum_dy_xhat and sum_dy
+  // (float64 totals: the sums cancel heavily and are added up over many calls).
   void (*bn_relu_backward)(const at::Tensor& x, const at::Tensor& grad_out, const BnParams& bn,
                            const at::Tensor& accumulated, bool accumulate, const at::Tensor& sum_dy_xhat,
                            const at::Tensor& sum_dy, bool channels_last);

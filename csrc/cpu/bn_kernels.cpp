@@ -142,8 +142,8 @@ void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnP
       constexpr bool kCL = decltype(layout)::value;
       const Plane<scalar_t, kCL> in(x), dz(grad_out);
       const Plane<acc_t, kCL> acc(accumulated);
-      acc_t* total_dy_xhat = sum_dy_xhat.data_ptr<acc_t>();
-      acc_t* total_dy = sum_dy.data_ptr<acc_t>();
+      double* total_dy_xhat = sum_dy_xhat.data_ptr<double>();
+      double* total_dy = sum_dy.data_ptr<double>();
       parallel_over_channels(e, [&](int64_t c0, int64_t c1) {
         const auto a = affines<acc_t>(bn, c0, c1);
         std::vector<sum_t> partial_dy(c1 - c0, 0), partial_dy_xhat(c1 - c0, 0);
@@ -157,8 +157,8 @@ void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnP
           slot = (accumulate ? slot : acc_t(0)) + af.scale * dy;
         });
         for (int64_t c = c0; c < c1; ++c) {
-          total_dy_xhat[c] += static_cast<acc_t>(partial_dy_xhat[c - c0]);
-          total_dy[c] += static_cast<acc_t>(partial_dy[c - c0]);
+          total_dy_xhat[c] += static_cast<double>(partial_dy_xhat[c - c0]);
+          total_dy[c] += static_cast<double>(partial_dy[c - c0]);
         }
       });
     });

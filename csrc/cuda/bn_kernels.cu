@@ -106,8 +106,8 @@ __global__ void bn_relu_forward_kernel(Plane<const scalar_t> x, DeviceBn<acc_t> 
 
 template <typename scalar_t, typename acc_t>
 __global__ void bn_relu_backward_kernel(Plane<const scalar_t> x, Plane<const scalar_t> grad_out, DeviceBn<acc_t> bn,
-                                        Plane<acc_t> accumulated, bool accumulate, acc_t* total_dy_xhat,
-                                        acc_t* total_dy, Extent e) {
+                                        Plane<acc_t> accumulated, bool accumulate, double* total_dy_xhat,
+                                        double* total_dy, Extent e) {
   __shared__ acc_t buffer[kThreads];
   const int64_t m = e.per_channel();
   for (int64_t c = blockIdx.x; c < e.channels; c += gridDim.x) {
@@ -125,8 +125,8 @@ __global__ void bn_relu_backward_kernel(Plane<const scalar_t> x, Plane<const sca
     sum_dy = block_sum(sum_dy, buffer);
     sum_dy_xhat = block_sum(sum_dy_xhat, buffer);
     if (threadIdx.x == 0) {  // one block owns channel c: no race
-      total_dy_xhat[c] += sum_dy_xhat;
-      total_dy[c] += sum_dy;
+      total_dy_xhat[c] += static_cast<double>(sum_dy_xhat);
+      total_dy[c] += static_cast<double>(sum_dy);
     }
   }
 }
@@ -196,7 +196,7 @@ void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnP
     using acc_t = at::opmath_type<scalar_t>;
     bn_relu_backward_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
         plane<const scalar_t>(x), plane<const scalar_t>(grad_out), device_bn<acc_t>(bn), plane<acc_t>(accumulated),
-        accumulate, sum_dy_xhat.data_ptr<acc_t>(), sum_dy.data_ptr<acc_t>(), Extent(x));
+        accumulate, sum_dy_xhat.data_ptr<double>(), sum_dy.data_ptr<double>(), Extent(x));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
