@@ -7,7 +7,55 @@
 //             once, just before the layer that wrote it needs it.
 #include "dense_block.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 namespace dense_ops {
+
+StatSync::StatSync(const std::optional<c10::string_view>& group, int64_t local_count, const at::Tensor& like)
+    : local_count_(local_count), count_(local_count) {
+  if (!group.has_value()) return;
+  group_ = std::string(*group);
+  const at::Tensor count = at::full({1}, static_cast<double>(local_count), like.options().dtype(at::kDouble));
+  all_reduce(count);
+  count_ = static_cast<int64_t>(count.item<double>());
+}
+
+void StatSync::all_reduce(const at::Tensor& t) const {
+  static const auto reduce = c10::Dispatcher::singleton().findSchemaOrThrow("_c10d_functional::all_reduce_", "");
+  static const auto wait = c10::Dispatcher::singleton().findSchemaOrThrow("_c10d_functional::wait_tensor", "");
+  std::vector<c10::IValue> stack{t, std::string("sum"), *group_};
+  reduce.callBoxed(&stack);
+  stack = {t};
+  wait.callBoxed(&stack);
+}
+
+void StatSync::moments(const at::Tensor& mean, const at::Tensor& var) const {
+  if (!group_) return;
+  // One all-reduce of the sums [x, x^2] in float64; a rank with no samples adds nothing.
+  const int64_t channels = mean.numel();
+  const at::Tensor m = mean.to(at::kDouble), v = var.to(at::kDouble);
+  const at::Tensor sums = local_count_ > 0 ? at::cat({m, v + m * m}).mul_(static_cast<double>(local_count_))
+                                           : at::zeros({2 * channels}, m.options());
+  all_reduce(sums);
+  const at::Tensor group_mean = sums.narrow(0, 0, channels) / static_cast<double>(count_);
+  const at::Tensor group_var = sums.narrow(0, channels, channels) / static_cast<double>(count_) - group_mean.square();
+  mean.copy_(group_mean);
+  var.copy_(group_var.clamp_min(0));
+}
+
+void StatSync::sum(std::initializer_list<at::Tensor> tensors) const {
+  if (!group_) return;
+  std::vector<at::Tensor> flat;
+  for (const auto& t : tensors) flat.push_back(t.reshape(-1).to(at::kDouble));
+  const at::Tensor packed = at::cat(flat);  // one collective for all of them
+  all_reduce(packed);
+  int64_t offset = 0;
+  for (const auto& t : tensors) {
+    t.copy_(packed.narrow(0, offset, t.numel()).view(t.sizes()));
+    offset += t.numel();
+  }
+}
+
 namespace {
 
 // Position of each parameter of a layer in the flat `layer_params` list.
@@ -178,10 +226,11 @@ struct Block {
   at::MemoryFormat format;
   at::ScalarType acc;
   const BnKernels& kernels;
+  const StatSync& sync;
   at::Tensor features, batch_mean, batch_var, bottleneck_mean, bottleneck_var;
   at::Tensor scratch;  // BN1-ReLU outputs: one sample's worth with a bottleneck, the whole batch without
 
-  int64_t count() const { return shape.batch * shape.height * shape.width; }
+  int64_t count() const { return sync.count(); }  // over the process group when synchronized
   at::Tensor inputs(int64_t l) const { return features.narrow(1, 0, shape.channels(l)); }
   at::Tensor z1(int64_t l, int64_t batch) const {
     return scratch_view(scratch, batch, shape.channels(l), shape.height, shape.width, format);
@@ -239,7 +288,8 @@ void bottleneck_backward(const Block& b, int64_t l, const at::Tensor& grad_out, 
 
 ForwardResult dense_block_forward(const at::Tensor& input, at::TensorList params,
                                   const std::optional<at::Tensor>& dropout_mask, bool bottleneck, bool training,
-                                  bool keep_bottleneck, double eps, const BnKernels& kernels) {
+                                  bool keep_bottleneck, double eps, const std::optional<c10::string_view>& sync_group,
+                                  const BnKernels& kernels) {
   const BlockShape s = check_block(input, params, bottleneck, /*with_running_stats=*/true);
   check_dropout_mask(dropout_mask, input, s);
   TORCH_CHECK(eps > 0, "dense_block: eps must be positive, got ", eps);
@@ -247,7 +297,8 @@ ForwardResult dense_block_forward(const at::Tensor& input, at::TensorList params
   const auto acc = stats_dtype(input.scalar_type());
   const auto stat_options = input.options().dtype(acc);
   const int64_t stat_channels = training ? s.total_channels() : 0, stat_width = training ? s.bottleneck_width : 0;
-  Block b{s, params, bottleneck, training, is_channels_last(format), eps, format, acc, kernels};
+  const StatSync sync(training ? sync_group : std::nullopt, s.batch * s.height * s.width, input);
+  Block b{s, params, bottleneck, training, is_channels_last(format), eps, format, acc, kernels, sync};
   b.features = at::empty({s.batch, s.total_channels(), s.height, s.width}, input.options().memory_format(format));
   b.batch_mean = at::empty({stat_channels}, stat_options);
   b.batch_var = at::empty({stat_channels}, stat_options);
@@ -266,6 +317,7 @@ ForwardResult dense_block_forward(const at::Tensor& input, at::TensorList params
   if (training) {
     kernels.channel_moments(b.inputs(0), b.batch_mean.narrow(0, 0, s.in_channels),
                             b.batch_var.narrow(0, 0, s.in_channels), b.cl);
+    sync.moments(b.batch_mean.narrow(0, 0, s.in_channels), b.batch_var.narrow(0, 0, s.in_channels));
   }
   const int64_t scratch_batch = bottleneck ? 1 : s.batch;
   b.scratch = at::empty({scratch_batch * s.channels(s.num_layers - 1) * s.height * s.width}, input.options());
@@ -279,7 +331,10 @@ ForwardResult dense_block_forward(const at::Tensor& input, at::TensorList params
     if (bottleneck) {
       const at::Tensor& out = keep_bottleneck ? saved_bottleneck[l] : bottleneck_out;
       bottleneck_forward(b, l, out);
-      if (training) kernels.channel_moments(out, b.bottleneck_mean[l], b.bottleneck_var[l], b.cl);
+      if (training) {
+        kernels.channel_moments(out, b.bottleneck_mean[l], b.bottleneck_var[l], b.cl);
+        sync.moments(b.bottleneck_mean[l], b.bottleneck_var[l]);
+      }
       kernels.bn_relu_forward(out, b.bn2(l), bottleneck_scratch, b.cl);
       new_features = conv(bottleneck_scratch, b.weight(l, kConv2Weight), format);
     } else {
@@ -293,6 +348,7 @@ ForwardResult dense_block_forward(const at::Tensor& input, at::TensorList params
     slot.copy_(new_features);
     if (training) {
       kernels.channel_moments(slot, b.batch_mean.narrow(0, c, s.growth), b.batch_var.narrow(0, c, s.growth), b.cl);
+      sync.moments(b.batch_mean.narrow(0, c, s.growth), b.batch_var.narrow(0, c, s.growth));
     }
   }
   return {b.features, b.batch_mean, b.batch_var, saved_bottleneck, b.bottleneck_mean, b.bottleneck_var};
@@ -317,6 +373,7 @@ at::Tensor bottleneck_output_backward(const Block& b, int64_t l, const at::Tenso
   if (b.training) {
     proj_mean = at::zeros({width}, accumulated.options()), proj_xhat = at::zeros({width}, accumulated.options());
     add_projections(bn2, sum_dy_xhat, sum_dy, b.count(), proj_mean, proj_xhat);
+    b.sync.sum({proj_mean, proj_xhat});  // the weight gradients stay this rank's own
   }
   at::Tensor grad_bottleneck = z2;  // z2 is no longer needed
   b.kernels.bn_input_grad(bottleneck_out, bn2, accumulated, at::Tensor(), proj_mean, proj_xhat, grad_bottleneck, b.cl);
@@ -335,7 +392,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dense_block_backward(
     const at::Tensor& batch_var, at::TensorList saved_bottleneck, const at::Tensor& bottleneck_mean,
     const at::Tensor& bottleneck_var, at::TensorList params, const std::optional<at::Tensor>& dropout_mask,
     bool bottleneck, bool training, double eps, at::IntArrayRef layer_needs_grad, bool input_needs_grad,
-    const BnKernels& kernels) {
+    const std::optional<c10::string_view>& sync_group, const BnKernels& kernels) {
   TORCH_CHECK(features.dim() == 4, "dense_block_backward: features must be 4-D");
   const int64_t per_layer = params_per_layer(bottleneck);
   TORCH_CHECK(!params.empty() && params.size() % per_layer == 0, "dense_block_backward: layer_params must hold ",
@@ -358,7 +415,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dense_block_backward(
 
   const auto format = features.suggest_memory_format();
   const auto acc = stats_dtype(features.scalar_type());
-  Block b{s, params, bottleneck, training, is_channels_last(format), eps, format, acc, kernels,
+  const StatSync sync(training ? sync_group : std::nullopt, s.batch * s.height * s.width, features);
+  Block b{s, params, bottleneck, training, is_channels_last(format), eps, format, acc, kernels, sync,
           features, batch_mean, batch_var, bottleneck_mean, bottleneck_var};
   const auto acc_options = features.options().dtype(acc);
   std::vector<at::Tensor> grads(params.size());
@@ -406,6 +464,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dense_block_backward(
     // The gradient of this layer's new channels is final: every later reader has added to it.
     at::Tensor grad_new = grad.narrow(1, c, s.growth);
     if (accumulate) {
+      if (training) sync.sum({proj_mean.narrow(0, c, s.growth), proj_xhat.narrow(0, c, s.growth)});
       at::Tensor finalized = b.empty(s.growth, features.scalar_type());
       kernels.bn_input_grad(features.narrow(1, c, s.growth), statistics(c, s.growth), accumulated.narrow(1, c, s.growth),
                             grad_new, slice(proj_mean, c, s.growth), slice(proj_xhat, c, s.growth), finalized, b.cl);
@@ -437,6 +496,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dense_block_backward(
     }
   }
   if (input_needs_grad) {
+    if (training) sync.sum({proj_mean.narrow(0, 0, s.in_channels), proj_xhat.narrow(0, 0, s.in_channels)});
     kernels.bn_input_grad(b.inputs(0), statistics(0, s.in_channels),
                           accumulated.narrow(1, 0, s.in_channels), grad.narrow(1, 0, s.in_channels),
                           slice(proj_mean, 0, s.in_channels), slice(proj_xhat, 0, s.in_channels), grad_input, b.cl);

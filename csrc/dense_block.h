@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -40,18 +41,39 @@ struct BnKernels {
                         const at::Tensor& out, bool channels_last);
 };
 
+// Batch statistics over a process group (dense_ops.convert_sync_batchnorm). Every rank runs
+// the same layers in the same order, so the collectives line up across ranks; they go
+// through c10d's functional all-reduce op, which finds the group by name. Without a group
+// every method is a no-op and count() is the local count.
+class StatSync {
+ public:
+  StatSync(const std::optional<c10::string_view>& group, int64_t local_count, const at::Tensor& like);
+  // Samples (N*H*W) over the whole group.
+  int64_t count() const { return count_; }
+  // Replaces this rank's biased per-channel mean and var with the group's.
+  void moments(const at::Tensor& mean, const at::Tensor& var) const;
+  // Sums each tensor over the group, in place.
+  void sum(std::initializer_list<at::Tensor> tensors) const;
+
+ private:
+  void all_reduce(const at::Tensor& t) const;
+  std::optional<std::string> group_;
+  int64_t local_count_, count_;
+};
+
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor>;
 
 ForwardResult dense_block_forward(const at::Tensor& input, at::TensorList layer_params,
                                   const std::optional<at::Tensor>& dropout_mask, bool bottleneck, bool training,
-                                  bool keep_bottleneck, double eps, const BnKernels& kernels);
+                                  bool keep_bottleneck, double eps, const std::optional<c10::string_view>& sync_group,
+                                  const BnKernels& kernels);
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> dense_block_backward(
     const at::Tensor& grad_features, const at::Tensor& features, const at::Tensor& batch_mean,
     const at::Tensor& batch_var, at::TensorList saved_bottleneck, const at::Tensor& bottleneck_mean,
     const at::Tensor& bottleneck_var, at::TensorList layer_params, const std::optional<at::Tensor>& dropout_mask,
     bool bottleneck, bool training, double eps, at::IntArrayRef layer_needs_grad, bool input_needs_grad,
-    const BnKernels& kernels);
+    const std::optional<c10::string_view>& sync_group, const BnKernels& kernels);
 
 void update_running_stats(at::TensorList running_mean, at::TensorList running_var, at::TensorList batch_mean,
                           at::TensorList batch_var, at::ArrayRef<double> momentum, int64_t count);
@@ -61,21 +83,24 @@ template <const BnKernels& (*device_kernels)()>
 void register_dense_block_ops(torch::Library& m) {
   m.impl("dense_block_forward",
          [](const at::Tensor& input, at::TensorList layer_params, const std::optional<at::Tensor>& dropout_mask,
-            bool bottleneck, bool training, bool keep_bottleneck, double eps) {
+            bool bottleneck, bool training, bool keep_bottleneck, double eps,
+            const std::optional<c10::string_view>& sync_group) {
            const at::AutoDispatchBelowADInplaceOrView below_autograd;  // our internal ATen calls are not recorded
            return dense_block_forward(input, layer_params, dropout_mask, bottleneck, training, keep_bottleneck, eps,
-                                      device_kernels());
+                                      sync_group, device_kernels());
          });
   m.impl("dense_block_backward",
          [](const at::Tensor& grad_features, const at::Tensor& features, const at::Tensor& batch_mean,
             const at::Tensor& batch_var, at::TensorList saved_bottleneck, const at::Tensor& bottleneck_mean,
             const at::Tensor& bottleneck_var, at::TensorList layer_params,
             const std::optional<at::Tensor>& dropout_mask, bool bottleneck, bool training, double eps,
-            at::IntArrayRef layer_needs_grad, bool input_needs_grad) {
+            at::IntArrayRef layer_needs_grad, bool input_needs_grad,
+            const std::optional<c10::string_view>& sync_group) {
            const at::AutoDispatchBelowADInplaceOrView below_autograd;
            return dense_block_backward(grad_features, features, batch_mean, batch_var, saved_bottleneck,
                                        bottleneck_mean, bottleneck_var, layer_params, dropout_mask, bottleneck,
-                                       training, eps, layer_needs_grad, input_needs_grad, device_kernels());
+                                       training, eps, layer_needs_grad, input_needs_grad, sync_group,
+                                       device_kernels());
          });
   m.impl("update_running_stats", &update_running_stats);
 }

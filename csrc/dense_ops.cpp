@@ -14,16 +14,17 @@
 
 TORCH_LIBRARY(dense_ops, m) {
   // layer_params: per layer [norm1.weight, norm1.bias, norm1.running_mean, norm1.running_var,
-  // conv1.weight] plus, with a bottleneck, the same five for norm2/conv2.
+  // conv1.weight] plus, with a bottleneck, the same five for norm2/conv2. With a sync_group
+  // (a c10d process group name), training statistics are taken over the whole group.
   m.def(
       "dense_block_forward(Tensor input, Tensor[] layer_params, Tensor? dropout_mask, bool bottleneck, "
-      "bool training, bool keep_bottleneck, float eps) -> (Tensor features, Tensor batch_mean, Tensor batch_var, "
+      "bool training, bool keep_bottleneck, float eps, str? sync_group=None) -> (Tensor features, Tensor batch_mean, Tensor batch_var, "
       "Tensor[] saved_bottleneck, Tensor bottleneck_mean, Tensor bottleneck_var)");
   m.def(
       "dense_block_backward(Tensor grad_features, Tensor features, Tensor batch_mean, Tensor batch_var, "
       "Tensor[] saved_bottleneck, Tensor bottleneck_mean, Tensor bottleneck_var, Tensor[] layer_params, "
       "Tensor? dropout_mask, bool bottleneck, bool training, float eps, int[] layer_needs_grad, "
-      "bool input_needs_grad) -> (Tensor grad_input, Tensor[] grad_params)");
+      "bool input_needs_grad, str? sync_group=None) -> (Tensor grad_input, Tensor[] grad_params)");
   m.def(
       "update_running_stats(Tensor(a!)[] running_mean, Tensor(b!)[] running_var, Tensor[] batch_mean, "
       "Tensor[] batch_var, float[] momentum, int count) -> ()");

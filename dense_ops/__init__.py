@@ -32,7 +32,7 @@ from .condense import (CondensedConv, CondensedLinear, LearnedGroupConv, condens
                        update_condensation)
 from . import utils  # noqa: E402
 from . import models  # noqa: E402
-from .convert import swap_dense_blocks  # noqa: E402
+from .convert import convert_sync_batchnorm, swap_dense_blocks  # noqa: E402
 
 
 def build_info() -> dict:
@@ -41,6 +41,6 @@ def build_info() -> dict:
 
 
 __all__ = ["CondensedConv", "CondensedLinear", "DenseBlock", "DenseLayer", "LearnedGroupConv", "Transition",
-           "build_info", "condense", "functional", "group_lasso_loss", "models", "ops", "reference",
+           "build_info", "condense", "convert_sync_batchnorm", "functional", "group_lasso_loss", "models", "ops", "reference",
            "swap_dense_blocks", "update_condensation", "utils"]
 __version__ = "0.1.0"

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from . import functional, reference
-from .nn import DenseBlock
+from .nn import DenseBlock, DenseLayer
 
 
 def _swappable_types() -> tuple[type, ...]:
@@ -94,4 +94,26 @@ def swap_dense_blocks(model: nn.Module, *, recompute: str = "bn_relu") -> nn.Mod
             if type(child) in swappable:
                 qualified = f"{name}.{child_name}" if name else child_name
                 setattr(module, child_name, _swap_block(qualified, child, recompute))
+    return model
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+    """Makes every batch norm inside the dense_ops blocks of `model` (DenseBlock, DenseLayer)
+    take its training statistics over `process_group` (default: the whole world), in place;
+    returns the model. Like nn.SyncBatchNorm.convert_sync_batchnorm, but it runs on CPU (gloo)
+    as well as GPU, and each channel's statistics are all-reduced once, when the channel is
+    written, so a block of L layers costs O(L) all-reduces, not O(L^2).
+
+    Batch norms outside the blocks (stem, transitions) are left alone: on GPU, convert them
+    with nn.SyncBatchNorm.convert_sync_batchnorm. Call swap_dense_blocks first on models
+    built from torchvision's classes.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert_sync_batchnorm: model must be a torch.nn.Module, got {type(model).__name__}")
+    blocks = [m for m in model.modules() if isinstance(m, (DenseBlock, DenseLayer))]
+    if not blocks:
+        raise ValueError("convert_sync_batchnorm: model has no dense_ops DenseBlock or DenseLayer "
+                         "(call dense_ops.swap_dense_blocks first on torchvision models)")
+    for block in blocks:
+        block.sync_batchnorm, block.process_group = True, process_group
     return model

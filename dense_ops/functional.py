@@ -35,13 +35,15 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 
 def dense_block(input: torch.Tensor, layer_params: Sequence[torch.Tensor], *, bottleneck: bool, training: bool,
                 momentum: Sequence[float] = (), eps: float = 1e-5, drop_rate: float = 0.0,
-                recompute: str = "bn_relu") -> torch.Tensor:
+                recompute: str = "bn_relu", sync_group: str | None = None) -> torch.Tensor:
     """Runs a dense block; returns [N, C0 + L*k, H, W].
 
     layer_params holds, per layer, norm1.{weight, bias, running_mean, running_var},
     conv1.weight and, with a bottleneck, the same for norm2/conv2 (see ops.PARAM_NAMES).
     In training, batch statistics normalize and the running statistics are updated in
     place with `momentum` (one factor per batch norm: all BN1 of the block, then all BN2).
+    With `sync_group` (the name of a torch.distributed process group), training statistics
+    are taken over the batches of every rank of that group.
     """
     check_recompute(recompute)
     per_layer = ops.params_per_layer(bottleneck)
@@ -51,7 +53,7 @@ def dense_block(input: torch.Tensor, layer_params: Sequence[torch.Tensor], *, bo
         raise ValueError(f"drop_rate must be in [0, 1], got {drop_rate}")
     _check_input(input, layer_params[0].shape[0])
     num_layers = len(layer_params) // per_layer
-    if training:
+    if training and sync_group is None:
         F._verify_batch_size(input.size())
 
     params = list(layer_params)
@@ -73,13 +75,22 @@ def dense_block(input: torch.Tensor, layer_params: Sequence[torch.Tensor], *, bo
     needs_grad = torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in params))
     keep_bottleneck = bottleneck and needs_grad and recompute == "bn_relu"
     features, batch_mean, batch_var, _, bottleneck_mean, bottleneck_var = ops.dense_block_forward(
-        input, params, dropout_mask, bottleneck, training, keep_bottleneck, eps)
+        input, params, dropout_mask, bottleneck, training, keep_bottleneck, eps, sync_group)
 
     count = input.shape[0] * input.shape[2] * input.shape[3]
+    if training and sync_group is not None:
+        count = _group_count(count, sync_group, input.device)
     if training and count > 0:
         _update_running_stats(layer_params, per_layer, batch_mean, batch_var, bottleneck_mean, bottleneck_var,
                               momentum, count)
     return features
+
+
+def _group_count(count: int, group_name: str, device: torch.device) -> int:
+    """count summed over the process group (for the unbiased running variance)."""
+    total = torch.tensor([float(count)], dtype=torch.float64, device=device)
+    total = torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(total, "sum", group_name))
+    return int(total.item())
 
 
 def _update_running_stats(layer_params, per_layer, batch_mean, batch_var, bottleneck_mean, bottleneck_var,

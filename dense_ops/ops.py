@@ -37,7 +37,8 @@ def _empty(shape, like, dtype=None, memory_format=torch.contiguous_format):
 
 
 @torch.library.register_fake("dense_ops::dense_block_forward")
-def _dense_block_forward_fake(input, layer_params, dropout_mask, bottleneck, training, keep_bottleneck, eps):
+def _dense_block_forward_fake(input, layer_params, dropout_mask, bottleneck, training, keep_bottleneck, eps,
+                              sync_group=None):
     num_layers, growth, width = _block_geometry(input, layer_params, bottleneck)
     n, c0, h, w = input.shape
     fmt = suggest_memory_format(input)
@@ -54,7 +55,7 @@ def _dense_block_forward_fake(input, layer_params, dropout_mask, bottleneck, tra
 @torch.library.register_fake("dense_ops::dense_block_backward")
 def _dense_block_backward_fake(grad_features, features, batch_mean, batch_var, saved_bottleneck, bottleneck_mean,
                                bottleneck_var, layer_params, dropout_mask, bottleneck, training, eps,
-                               layer_needs_grad, input_needs_grad):
+                               layer_needs_grad, input_needs_grad, sync_group=None):
     per_layer = params_per_layer(bottleneck)
     num_layers, growth, _ = _block_geometry(features, layer_params, bottleneck)
     n, c, h, w = features.shape
@@ -78,14 +79,14 @@ def _update_running_stats_fake(running_mean, running_var, batch_mean, batch_var,
 
 
 def _setup_context(ctx, inputs, output):
-    input, layer_params, dropout_mask, bottleneck, training, keep_bottleneck, eps = inputs
+    input, layer_params, dropout_mask, bottleneck, training, keep_bottleneck, eps, sync_group = inputs
     features, batch_mean, batch_var, saved_bottleneck, bottleneck_mean, bottleneck_var = output
     per_layer = params_per_layer(bottleneck)
     # Only the features are differentiable; never materialize zero gradients for the rest
     # (the saved bottleneck outputs alone are as large as a quarter of a naive block).
     ctx.mark_non_differentiable(batch_mean, batch_var, bottleneck_mean, bottleneck_var, *saved_bottleneck)
     ctx.set_materialize_grads(False)
-    ctx.bottleneck, ctx.training, ctx.eps = bottleneck, training, eps
+    ctx.bottleneck, ctx.training, ctx.eps, ctx.sync_group = bottleneck, training, eps, sync_group
     ctx.num_params = len(layer_params)
     ctx.num_saved = len(saved_bottleneck)
     ctx.has_mask = dropout_mask is not None
@@ -115,23 +116,24 @@ def _backward(ctx, grad_features, *_unused_stat_grads):
     grad_input, grad_params = torch.ops.dense_ops.dense_block_backward(
         grad_features, features, batch_mean, batch_var, saved_bottleneck, bottleneck_mean, bottleneck_var,
         layer_params, dropout_mask, ctx.bottleneck, ctx.training, ctx.eps, ctx.layer_needs_grad,
-        ctx.input_needs_grad)
+        ctx.input_needs_grad, ctx.sync_group)
     per_layer = params_per_layer(ctx.bottleneck)
     grads = [
         g if ctx.layer_needs_grad[i // per_layer] and i % per_layer not in RUNNING_STAT_SLOTS else None
         for i, g in enumerate(grad_params)
     ]
-    return grad_input if ctx.input_needs_grad else None, grads, None, None, None, None, None
+    return grad_input if ctx.input_needs_grad else None, grads, None, None, None, None, None, None
 
 
 torch.library.register_autograd("dense_ops::dense_block_forward", _backward, setup_context=_setup_context)
 
 
-def dense_block_forward(input, layer_params, dropout_mask, bottleneck, training, keep_bottleneck, eps):
+def dense_block_forward(input, layer_params, dropout_mask, bottleneck, training, keep_bottleneck, eps,
+                        sync_group=None):
     """Runs the whole block; returns (features, batch_mean, batch_var, saved_bottleneck,
     bottleneck_mean, bottleneck_var). See csrc/dense_ops.cpp for the schema."""
     return torch.ops.dense_ops.dense_block_forward(input, layer_params, dropout_mask, bottleneck, training,
-                                                   keep_bottleneck, eps)
+                                                   keep_bottleneck, eps, sync_group)
 
 
 def update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count):

@@ -6,6 +6,7 @@ load both ways with strict=True; the block runs as one compiled op over a shared
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .. import functional, ops, reference
@@ -40,7 +41,18 @@ def _check_norms(norms: list[nn.BatchNorm2d]) -> float:
     return eps
 
 
-def run_layers(layers: list[nn.Module], x: torch.Tensor, training: bool, recompute: str) -> torch.Tensor:
+def sync_group_name(module: nn.Module) -> str | None:
+    """The process group whose batch statistics `module` uses in training (see
+    dense_ops.convert_sync_batchnorm), or None for this rank's own batch. Like
+    nn.SyncBatchNorm, nothing is synchronized outside a distributed run of several ranks."""
+    if not getattr(module, "sync_batchnorm", False) or not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = module.process_group or dist.group.WORLD
+    return group.group_name if dist.get_world_size(group) > 1 else None
+
+
+def run_layers(layers: list[nn.Module], x: torch.Tensor, training: bool, recompute: str,
+               sync_group: str | None = None) -> torch.Tensor:
     """Runs consecutive dense layers (DenseLayer or torchvision-compatible) as one block op."""
     bottleneck = layers[0].bottleneck
     norms1 = [l.norm1 for l in layers]
@@ -49,7 +61,8 @@ def run_layers(layers: list[nn.Module], x: torch.Tensor, training: bool, recompu
     momentum = _momentum_factors(norms1 + norms2) if training else []
     params = [t for layer in layers for t in _layer_params(layer)]
     features = functional.dense_block(x, params, bottleneck=bottleneck, training=training, momentum=momentum,
-                                      eps=eps, drop_rate=layers[0].drop_rate, recompute=recompute)
+                                      eps=eps, drop_rate=layers[0].drop_rate, recompute=recompute,
+                                      sync_group=sync_group if training else None)
     if training:  # counted once the step succeeded: a rejected input leaves the block untouched
         for bn in norms1 + norms2:
             bn.num_batches_tracked.add_(1)
@@ -71,10 +84,11 @@ class DenseLayer(reference.DenseLayer):
             _check_positive("bn_size", bn_size)
         super().__init__(num_input_features, growth_rate, bn_size, drop_rate)
         self.memory_efficient = memory_efficient
+        self.sync_batchnorm, self.process_group = False, None  # see dense_ops.convert_sync_batchnorm
 
     def forward(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         x = torch.cat(inputs, 1) if isinstance(inputs, (list, tuple)) else inputs
-        features = run_layers([self], x, self.training, "bn_relu")
+        features = run_layers([self], x, self.training, "bn_relu", sync_group_name(self))
         return features[:, x.shape[1]:]
 
 
@@ -94,15 +108,16 @@ class DenseBlock(nn.ModuleDict):
         _check_positive("num_layers", num_layers)
         self.recompute = functional.check_recompute(recompute)
         self.memory_efficient = memory_efficient
+        self.sync_batchnorm, self.process_group = False, None  # see dense_ops.convert_sync_batchnorm
         for i in range(num_layers):
             self.add_module(f"denselayer{i + 1}", DenseLayer(num_input_features + i * growth_rate, growth_rate,
                                                              bn_size, drop_rate))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_layers(list(self.values()), x, self.training, self.recompute)
+        return run_layers(list(self.values()), x, self.training, self.recompute, sync_group_name(self))
 
     def extra_repr(self) -> str:
-        return f"recompute={self.recompute!r}"
+        return f"recompute={self.recompute!r}" + (", sync_batchnorm=True" if self.sync_batchnorm else "")
 
 
 class Transition(reference.Transition):

@@ -1,0 +1,95 @@
+"""Synchronized batch statistics (dense_ops.convert_sync_batchnorm) over gloo with 2 ranks:
+each rank's results equal the naive block run on the whole (concatenated) batch."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dense_ops
+from helpers import block_pair
+
+# Different batch sizes per rank: the group's statistics weigh every sample equally.
+BATCH_SIZES = (3, 5)
+CASES = [(2, "bn_relu"), (2, "bottleneck"), (None, "bn_relu")]  # (bn_size, recompute)
+
+
+def _collectives(run):
+    """How many all-reduces run() issues (our op calls c10d's functional all-reduce)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        run()
+    names = ("_c10d_functional::all_reduce", "_c10d_functional::all_reduce_")
+    return sum(e.count for e in profile.key_averages() if e.key in names)
+
+
+def _check_case(rank, bn_size, recompute, num_layers=3):
+    torch.manual_seed(0)  # the same weights and whole batch on every rank
+    naive, ours = block_pair(num_layers=num_layers, bn_size=bn_size, recompute=recompute)
+    dense_ops.convert_sync_batchnorm(ours)
+    x = torch.randn(sum(BATCH_SIZES), 6, 5, 5, dtype=torch.float64) * 2 + 0.5
+    grad = torch.randn(x.shape[0], 6 + num_layers * 4, 5, 5, dtype=torch.float64)
+    start = sum(BATCH_SIZES[:rank])
+    rows = slice(start, start + BATCH_SIZES[rank])
+
+    x_naive = x.clone().requires_grad_()
+    naive(x_naive).backward(grad)
+    x_ours = x[rows].clone().requires_grad_()
+    out = ours(x_ours)
+    out.backward(grad[rows])
+
+    torch.testing.assert_close(out, _naive_output(naive, x)[rows], atol=1e-9, rtol=0)
+    torch.testing.assert_close(x_ours.grad, x_naive.grad[rows], atol=1e-9, rtol=0)
+    for (name, p_ours), (_, p_naive) in zip(ours.named_parameters(), naive.named_parameters()):
+        total = p_ours.grad.clone()
+        dist.all_reduce(total)  # each rank holds its samples' share of the gradient
+        torch.testing.assert_close(total, p_naive.grad, atol=1e-9, rtol=0, msg=name)
+    for (name, b_ours), (_, b_naive) in zip(ours.named_buffers(), naive.named_buffers()):
+        torch.testing.assert_close(b_ours, b_naive, atol=1e-9, rtol=0, msg=name)
+
+    # One all-reduce for the sample count, then one per written slice of channels and per
+    # bottleneck BN: O(L), not one per (reader, channel) pair.
+    per_bottleneck = 1 if bn_size else 0
+    forward = _collectives(lambda: ours(x_ours))
+    assert forward == 1 + (num_layers + 1) + num_layers * per_bottleneck + 1  # + the running-stat count
+    out = ours(x_ours)
+    backward = _collectives(lambda: out.backward(grad[rows]))
+    assert backward == 1 + num_layers + num_layers * per_bottleneck
+
+
+def _naive_output(naive, x):
+    """The naive block's training-mode output for x, without touching its running statistics."""
+    state = {k: v.clone() for k, v in naive.state_dict().items()}
+    with torch.no_grad():
+        out = naive(x)
+    naive.load_state_dict(state)
+    return out
+
+
+def _worker(rank, world_size, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        for bn_size, recompute in CASES:
+            _check_case(rank, bn_size, recompute)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_batchnorm_two_ranks_match_naive_on_whole_batch(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "sync_init")), nprocs=2, join=True)
+
+
+def test_eval_mode_and_single_process_do_not_synchronize():
+    naive, ours = block_pair()
+    dense_ops.convert_sync_batchnorm(ours)
+    x = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+    # No process group: plain per-batch statistics, as nn.SyncBatchNorm does.
+    torch.testing.assert_close(ours(x), naive(x), atol=1e-9, rtol=0)
+    ours.eval(), naive.eval()
+    torch.testing.assert_close(ours(x), naive(x), atol=1e-9, rtol=0)
+
+
+def test_convert_sync_batchnorm_rejects_models_without_our_blocks():
+    with pytest.raises(ValueError, match="swap_dense_blocks"):
+        dense_ops.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))
+    with pytest.raises(TypeError, match="model"):
+        dense_ops.convert_sync_batchnorm("not a model")
