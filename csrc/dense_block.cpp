@@ -7,6 +7,8 @@
 //             once, just before the layer that wrote it needs it.
 #include "dense_block.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 namespace dense_ops {
@@ -148,10 +150,10 @@ BlockShape check_block(const at::Tensor& input, at::TensorList params, bool bott
 
 bool is_channels_last(at::MemoryFormat format) { return format == at::MemoryFormat::ChannelsLast; }
 
-// A [batch, channels, H, W] tensor laid out in `format` over the first elements of a flat scratch buffer.
-at::Tensor scratch_view(const at::Tensor& scratch, int64_t batch, int64_t channels, int64_t height, int64_t width,
-                        at::MemoryFormat format) {
-  auto view = scratch.narrow(0, 0, batch * channels * height * width);
+// A [batch, channels, H, W] tensor laid out in `format` over a flat scratch buffer, from `offset`.
+at::Tensor scratch_view(const at::Tensor& scratch, int64_t offset, int64_t batch, int64_t channels, int64_t height,
+                        int64_t width, at::MemoryFormat format) {
+  auto view = scratch.narrow(0, offset, batch * channels * height * width);
   if (is_channels_last(format)) return view.view({batch, height, width, channels}).permute({0, 3, 1, 2});
   return view.view({batch, channels, height, width});
 }
@@ -228,12 +230,31 @@ struct Block {
   const BnKernels& kernels;
   const StatSync& sync;
   at::Tensor features, batch_mean, batch_var, bottleneck_mean, bottleneck_var;
-  at::Tensor scratch;  // BN1-ReLU outputs: one sample's worth with a bottleneck, the whole batch without
+  // BN1-ReLU outputs: one sample's worth per sample worker with a bottleneck, the whole batch without.
+  at::Tensor scratch;
+  int64_t workers = 1;
 
   int64_t count() const { return sync.count(); }  // over the process group when synchronized
   at::Tensor inputs(int64_t l) const { return features.narrow(1, 0, shape.channels(l)); }
   at::Tensor z1(int64_t l, int64_t batch) const {
-    return scratch_view(scratch, batch, shape.channels(l), shape.height, shape.width, format);
+    return scratch_view(scratch, 0, batch, shape.channels(l), shape.height, shape.width, format);
+  }
+  // The one-sample scratch of sample worker w (bottleneck layers).
+  at::Tensor worker_z1(int64_t l, int64_t w) const {
+    const int64_t per_sample = shape.channels(shape.num_layers - 1) * shape.height * shape.width;
+    return scratch_view(scratch, w * per_sample, 1, shape.channels(l), shape.height, shape.width, format);
+  }
+  // Runs body(w, n_begin, n_end) for the batch split into `workers` contiguous sample ranges.
+  // On CPU the ranges run in parallel, one per thread, and everything inside runs serially:
+  // a few large parallel regions instead of several small ones per sample. The split does not
+  // depend on scheduling, so per-worker partial sums add up deterministically.
+  template <typename Body>
+  void for_sample_ranges(const Body& body) const {
+    const at::ThreadLocalState caller;  // worker threads run our ATen calls as the caller does (below autograd)
+    at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+      const at::ThreadLocalStateGuard as_caller(caller);
+      for (int64_t w = w0; w < w1; ++w) body(w, shape.batch * w / workers, shape.batch * (w + 1) / workers);
+    });
   }
   BnParams bn1(int64_t l) const {
     const int64_t c = shape.channels(l);
@@ -249,18 +270,26 @@ struct Block {
   }
 };
 
+// The number of sample workers of the per-sample bottleneck loops.
+int64_t sample_workers(const at::Tensor& features) {
+  return features.is_cpu() ? std::max<int64_t>(1, std::min<int64_t>(features.size(0), at::get_num_threads())) : 1;
+}
+
 // BN1-ReLU-conv1x1 of a bottleneck layer into `out`, one sample at a time: the BN1-ReLU
 // output is never materialized for the whole batch.
 void bottleneck_forward(const Block& b, int64_t l, const at::Tensor& out) {
   const BnParams bn1 = b.bn1(l);
-  const at::Tensor w = weight_matrix(b.weight(l, kConv1Weight));
-  const at::Tensor x = b.inputs(l), z = b.z1(l, 1);
-  at::Tensor z_matrix = channel_matrix(z);
-  for (int64_t n = 0; n < b.shape.batch; ++n) {
-    b.kernels.bn_relu_forward(x.narrow(0, n, 1), bn1, z, b.cl);
-    at::Tensor out_matrix = channel_matrix(out.narrow(0, n, 1));
-    at::mm_out(out_matrix, w, z_matrix);
-  }
+  const at::Tensor weight = weight_matrix(b.weight(l, kConv1Weight));
+  const at::Tensor x = b.inputs(l);
+  b.for_sample_ranges([&](int64_t w, int64_t n_begin, int64_t n_end) {
+    const at::Tensor z = b.worker_z1(l, w);
+    const at::Tensor z_matrix = channel_matrix(z);
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      b.kernels.bn_relu_forward(x.narrow(0, n, 1), bn1, z, b.cl);
+      at::Tensor out_matrix = channel_matrix(out.narrow(0, n, 1));
+      at::mm_out(out_matrix, weight, z_matrix);
+    }
+  });
 }
 
 // The backward of bottleneck_forward, one sample at a time: recomputes the sample's
@@ -270,18 +299,29 @@ void bottleneck_backward(const Block& b, int64_t l, const at::Tensor& grad_out, 
                          bool accumulate, const at::Tensor& grad_conv1, const at::Tensor& norm_sum_dy_xhat,
                          const at::Tensor& norm_sum_dy) {
   const BnParams bn1 = b.bn1(l);
-  const at::Tensor w = weight_matrix(b.weight(l, kConv1Weight));
-  const at::Tensor x = b.inputs(l), z = b.z1(l, 1);
-  at::Tensor z_matrix = channel_matrix(z);
-  const at::Tensor acc_inputs = accumulated.narrow(1, 0, b.shape.channels(l));
-  for (int64_t n = 0; n < b.shape.batch; ++n) {
-    const at::Tensor x_n = x.narrow(0, n, 1), grad_matrix = channel_matrix(grad_out.narrow(0, n, 1));
-    b.kernels.bn_relu_forward(x_n, bn1, z, b.cl);
-    if (grad_conv1.defined()) grad_conv1.addmm_(grad_matrix, z_matrix.t());
-    at::mm_out(z_matrix, w.t(), grad_matrix);  // z now holds the gradient of the BN1-ReLU output
-    b.kernels.bn_relu_backward(x_n, z, bn1, acc_inputs.narrow(0, n, 1), accumulate, norm_sum_dy_xhat, norm_sum_dy,
-                               b.cl);
-  }
+  const int64_t c = b.shape.channels(l);
+  const at::Tensor weight = weight_matrix(b.weight(l, kConv1Weight));
+  const at::Tensor x = b.inputs(l), acc_inputs = accumulated.narrow(1, 0, c);
+  // Per-worker partial sums, added up in worker order below.
+  const at::Tensor partial_sums = at::zeros({b.workers, 2, c}, norm_sum_dy.options());
+  const at::Tensor partial_grad_conv1 =
+      grad_conv1.defined() ? at::zeros({b.workers, grad_conv1.size(0), c}, grad_conv1.options()) : at::Tensor();
+  b.for_sample_ranges([&](int64_t w, int64_t n_begin, int64_t n_end) {
+    const at::Tensor z = b.worker_z1(l, w);
+    at::Tensor z_matrix = channel_matrix(z);
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      const at::Tensor x_n = x.narrow(0, n, 1), grad_matrix = channel_matrix(grad_out.narrow(0, n, 1));
+      b.kernels.bn_relu_forward(x_n, bn1, z, b.cl);
+      if (grad_conv1.defined()) partial_grad_conv1[w].addmm_(grad_matrix, z_matrix.t());
+      at::mm_out(z_matrix, weight.t(), grad_matrix);  // z now holds the gradient of the BN1-ReLU output
+      b.kernels.bn_relu_backward(x_n, z, bn1, acc_inputs.narrow(0, n, 1), accumulate, partial_sums[w][0],
+                                 partial_sums[w][1], b.cl);
+    }
+  });
+  const at::Tensor sums = partial_sums.sum(0);
+  norm_sum_dy_xhat.add_(sums[0]);
+  norm_sum_dy.add_(sums[1]);
+  if (grad_conv1.defined()) grad_conv1.add_(partial_grad_conv1.sum(0));
 }
 
 }  // namespace
@@ -319,7 +359,8 @@ ForwardResult dense_block_forward(const at::Tensor& input, at::TensorList params
                             b.batch_var.narrow(0, 0, s.in_channels), b.cl);
     sync.moments(b.batch_mean.narrow(0, 0, s.in_channels), b.batch_var.narrow(0, 0, s.in_channels));
   }
-  const int64_t scratch_batch = bottleneck ? 1 : s.batch;
+  b.workers = sample_workers(b.features);
+  const int64_t scratch_batch = bottleneck ? b.workers : s.batch;
   b.scratch = at::empty({scratch_batch * s.channels(s.num_layers - 1) * s.height * s.width}, input.options());
   at::Tensor bottleneck_out, bottleneck_scratch;
   if (bottleneck) {
@@ -454,7 +495,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dense_block_backward(
     return training ? BnParams{{}, {}, batch_mean.narrow(0, start, length), batch_var.narrow(0, start, length), eps}
                     : BnParams{};
   };
-  b.scratch = at::empty({(bottleneck ? 1 : s.batch) * max_channels * s.height * s.width}, features.options());
+  b.workers = sample_workers(features);
+  b.scratch = at::empty({(bottleneck ? b.workers : s.batch) * max_channels * s.height * s.width}, features.options());
   at::Tensor recomputed_bottleneck;
   if (bottleneck && !keep_bottleneck) recomputed_bottleneck = b.empty(s.bottleneck_width, features.scalar_type());
 

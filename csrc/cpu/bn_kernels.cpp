@@ -58,10 +58,14 @@ void parallel_over_channels(const Extent& e, const Chunk& chunk) {
   at::parallel_for(0, e.channels, grain, chunk);
 }
 
+// Calls f with std::true_type or std::false_type: a runtime flag as a compile-time constant.
 template <typename F>
-void with_layout(bool channels_last, const F& f) {
-  if (channels_last) f(std::true_type{}); else f(std::false_type{});
+void with_flag(bool flag, const F& f) {
+  if (flag) f(std::true_type{}); else f(std::false_type{});
 }
+
+template <typename F>
+void with_layout(bool channels_last, const F& f) { with_flag(channels_last, f); }
 
 template <typename acc_t>
 std::vector<math::BnAffine<acc_t>> affines(const BnParams& bn, int64_t c_begin, int64_t c_end) {
@@ -131,35 +135,88 @@ void bn_relu_forward(const at::Tensor& x, const BnParams& bn, const at::Tensor& 
   });
 }
 
+// The fused backward of one element: dy = dz masked by the ReLU; acc gets scale * dy (added
+// to what it holds when kAccumulate). Returns dy; dy_xhat gets dy * x_hat.
+template <bool kAccumulate, typename scalar_t, typename acc_t>
+inline acc_t backward_element(scalar_t x, scalar_t dz, acc_t& acc, const math::BnAffine<acc_t>& a, acc_t& dy_xhat) {
+  const acc_t xv = static_cast<acc_t>(x);
+  const acc_t dy = math::relu_masked_grad(xv, static_cast<acc_t>(dz), a);
+  dy_xhat = dy * math::normalized(xv, a);
+  acc = (kAccumulate ? acc : acc_t(0)) + a.scale * dy;
+  return dy;
+}
+
+// NCHW: one contiguous run of one channel. Independent lanes let the compiler vectorize
+// the two reductions (a single running sum would be a serial chain); lane sums go to double.
+template <bool kAccumulate, typename scalar_t, typename acc_t>
+void backward_channel_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dz, acc_t* __restrict__ acc,
+                          int64_t length, const math::BnAffine<acc_t>& a, double& sum_dy, double& sum_dy_xhat) {
+  constexpr int64_t kLanes = 16;
+  acc_t dy_lanes[kLanes] = {}, dy_xhat_lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= length; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      acc_t dy_xhat;
+      dy_lanes[j] += backward_element<kAccumulate>(x[i + j], dz[i + j], acc[i + j], a, dy_xhat);
+      dy_xhat_lanes[j] += dy_xhat;
+    }
+  }
+  for (; i < length; ++i) {
+    acc_t dy_xhat;
+    dy_lanes[0] += backward_element<kAccumulate>(x[i], dz[i], acc[i], a, dy_xhat);
+    dy_xhat_lanes[0] += dy_xhat;
+  }
+  for (int64_t j = 0; j < kLanes; ++j) {
+    sum_dy += static_cast<double>(dy_lanes[j]);
+    sum_dy_xhat += static_cast<double>(dy_xhat_lanes[j]);
+  }
+}
+
+// Channels-last: the channels [c0, c0 + length) of one pixel; every channel has its own sums.
+template <bool kAccumulate, typename scalar_t, typename acc_t>
+void backward_pixel_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dz, acc_t* __restrict__ acc,
+                        int64_t length, const math::BnAffine<acc_t>* __restrict__ a, double* __restrict__ sum_dy,
+                        double* __restrict__ sum_dy_xhat) {
+  for (int64_t j = 0; j < length; ++j) {
+    acc_t dy_xhat;
+    sum_dy[j] += static_cast<double>(backward_element<kAccumulate>(x[j], dz[j], acc[j], a[j], dy_xhat));
+    sum_dy_xhat[j] += static_cast<double>(dy_xhat);
+  }
+}
+
 void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnParams& bn,
                       const at::Tensor& accumulated, bool accumulate, const at::Tensor& sum_dy_xhat,
                       const at::Tensor& sum_dy, bool channels_last) {
   const Extent e(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_relu_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    using sum_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
     with_layout(channels_last, [&](auto layout) {
       constexpr bool kCL = decltype(layout)::value;
-      const Plane<scalar_t, kCL> in(x), dz(grad_out);
-      const Plane<acc_t, kCL> acc(accumulated);
-      double* total_dy_xhat = sum_dy_xhat.data_ptr<double>();
-      double* total_dy = sum_dy.data_ptr<double>();
-      parallel_over_channels(e, [&](int64_t c0, int64_t c1) {
-        const auto a = affines<acc_t>(bn, c0, c1);
-        std::vector<sum_t> partial_dy(c1 - c0, 0), partial_dy_xhat(c1 - c0, 0);
-        visit<kCL>(e, c0, c1, [&](int64_t c, int64_t n, int64_t s) {
-          const auto& af = a[c - c0];
-          const acc_t xv = static_cast<acc_t>(in(n, c, s));
-          const acc_t dy = math::relu_masked_grad(xv, static_cast<acc_t>(dz(n, c, s)), af);
-          partial_dy[c - c0] += dy;
-          partial_dy_xhat[c - c0] += dy * math::normalized(xv, af);
-          acc_t& slot = acc(n, c, s);
-          slot = (accumulate ? slot : acc_t(0)) + af.scale * dy;
+      with_flag(accumulate, [&](auto accumulate_flag) {
+        constexpr bool kAccumulate = decltype(accumulate_flag)::value;
+        const Plane<scalar_t, kCL> in(x), dz(grad_out);
+        const Plane<acc_t, kCL> acc(accumulated);
+        double* total_dy_xhat = sum_dy_xhat.data_ptr<double>();
+        double* total_dy = sum_dy.data_ptr<double>();
+        parallel_over_channels(e, [&](int64_t c0, int64_t c1) {
+          const auto a = affines<acc_t>(bn, c0, c1);
+          std::vector<double> partial_dy(c1 - c0, 0), partial_dy_xhat(c1 - c0, 0);
+          if (kCL) {
+            for (int64_t n = 0; n < e.batch; ++n)
+              for (int64_t s = 0; s < e.spatial; ++s)
+                backward_pixel_run<kAccumulate>(&in(n, c0, s), &dz(n, c0, s), &acc(n, c0, s), c1 - c0, a.data(),
+                                                partial_dy.data(), partial_dy_xhat.data());
+          } else {
+            for (int64_t c = c0; c < c1; ++c)
+              for (int64_t n = 0; n < e.batch; ++n)
+                backward_channel_run<kAccumulate>(&in(n, c, 0), &dz(n, c, 0), &acc(n, c, 0), e.spatial, a[c - c0],
+                                                  partial_dy[c - c0], partial_dy_xhat[c - c0]);
+          }
+          for (int64_t c = c0; c < c1; ++c) {
+            total_dy_xhat[c] += partial_dy_xhat[c - c0];
+            total_dy[c] += partial_dy[c - c0];
+          }
         });
-        for (int64_t c = c0; c < c1; ++c) {
-          total_dy_xhat[c] += static_cast<double>(partial_dy_xhat[c - c0]);
-          total_dy[c] += static_cast<double>(partial_dy[c - c0]);
-        }
       });
     });
   });
