@@ -31,11 +31,23 @@ def _check_conv(block_name: str, conv: nn.Module, kernel_size: int) -> None:
 
 
 def _check_norm(block_name: str, norm: nn.Module) -> None:
-    # Our blocks compute batch statistics themselves: any other norm (e.g. SyncBatchNorm)
-    # would silently become a plain BatchNorm2d.
-    if type(norm) is not nn.BatchNorm2d:
+    # Our blocks compute batch statistics themselves: any other norm would silently become a
+    # plain BatchNorm2d. nn.SyncBatchNorm carries over as a synchronized block.
+    if type(norm) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
         raise ValueError(f"swap_dense_blocks: {block_name} has a layer whose norm is {type(norm).__name__}, "
-                         "expected torch.nn.BatchNorm2d")
+                         "expected torch.nn.BatchNorm2d or torch.nn.SyncBatchNorm")
+
+
+def _sync_settings(block_name: str, layers: list[nn.Module]) -> tuple[bool, object]:
+    """(synchronized, process_group) of a block whose norms are all BatchNorm2d or all SyncBatchNorm."""
+    norms = [norm for layer in layers for norm in (layer.norm1, getattr(layer, "norm2", None)) if norm is not None]
+    synced = [isinstance(norm, nn.SyncBatchNorm) for norm in norms]
+    if not any(synced):
+        return False, None
+    groups = {id(norm.process_group) for norm in norms if isinstance(norm, nn.SyncBatchNorm)}
+    if not all(synced) or len(groups) > 1:
+        raise ValueError(f"swap_dense_blocks: {block_name} mixes BatchNorm2d and SyncBatchNorm or process groups")
+    return True, norms[0].process_group
 
 
 def _block_geometry(block_name: str, layers: list[nn.Module]) -> tuple[int, int | None, int, float]:
@@ -70,6 +82,7 @@ def _swap_block(block_name: str, block: nn.Module, recompute: str) -> DenseBlock
     for new_layer, old_layer in zip(new_block.values(), layers):
         for name in owned:
             setattr(new_layer, name, getattr(old_layer, name))
+    new_block.sync_batchnorm, new_block.process_group = _sync_settings(block_name, layers)
     return new_block.train(block.training)
 
 
@@ -79,7 +92,8 @@ def swap_dense_blocks(model: nn.Module, *, recompute: str = "bn_relu") -> nn.Mod
 
     The new blocks take over the old blocks' BatchNorm and Conv modules, so parameters and
     buffers are the same objects (optimizers keep working), on the same device and dtype;
-    train/eval mode and drop_rate carry over. Only these exact classes are swapped: subclasses
+    train/eval mode and drop_rate carry over; blocks whose norms are nn.SyncBatchNorm become
+    synchronized blocks over the same process group (see convert_sync_batchnorm). Only these exact classes are swapped: subclasses
     may change forward and are left alone. If `model` itself is such a block, the new block
     is returned. `recompute` is passed to every new DenseBlock.
     """

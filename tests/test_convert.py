@@ -125,6 +125,23 @@ def test_swap_bad_input():
     odd.denselayer2.conv2 = nn.Conv2d(8, 4, 3, padding=1, bias=True)
     with pytest.raises(ValueError, match="no bias"):
         dense_ops.swap_dense_blocks(nn.Sequential(odd))
-    synced = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(_DenseBlock(2, 4, 2, 4, 0.0)))
-    with pytest.raises(ValueError, match="SyncBatchNorm"):
-        dense_ops.swap_dense_blocks(synced)
+    mixed = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(_DenseBlock(2, 4, 2, 4, 0.0)))
+    mixed[0].denselayer1.norm1 = nn.BatchNorm2d(4)
+    with pytest.raises(ValueError, match="mixes BatchNorm2d and SyncBatchNorm"):
+        dense_ops.swap_dense_blocks(mixed)
+    odd_norm = nn.Sequential(_DenseBlock(2, 4, 2, 4, 0.0))
+    odd_norm[0].denselayer2.norm2 = nn.GroupNorm(2, 8)
+    with pytest.raises(ValueError, match="GroupNorm"):
+        dense_ops.swap_dense_blocks(odd_norm)
+
+
+def test_swap_sync_batchnorm_block_becomes_synchronized_block():
+    torch.manual_seed(0)
+    plain = _DenseBlock(2, 4, 2, 4, 0.0).double()
+    group = object()  # any process group object; nothing is synchronized outside a distributed run
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(copy.deepcopy(plain)), process_group=group)
+    dense_ops.swap_dense_blocks(synced)
+    assert isinstance(synced[0], dense_ops.DenseBlock)
+    assert synced[0].sync_batchnorm and synced[0].process_group is group
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(synced(x), plain(x), atol=1e-10, rtol=0)
