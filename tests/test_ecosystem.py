@@ -186,21 +186,26 @@ def test_frozen_layers_get_no_grads_and_others_match(recompute):
         torch.testing.assert_close(bufs_o[name], bufs_n[name], atol=1e-10, rtol=0, msg=name)
 
 
+def _ddp_steps(rank, world_size):
+    ours, naive = tiny_pair()
+    torch.manual_seed(1)
+    batch = torch.randn(2 * world_size, 3, 8, 8, dtype=torch.float64)
+    x = batch[2 * rank:2 * rank + 2]  # each rank its own half of the batch
+    ddp_ours, ddp_naive = DistributedDataParallel(ours), DistributedDataParallel(naive)
+    for _ in range(2):  # the second step starts from buffers DDP broadcast from rank 0
+        assert_same_step(ddp_ours, ddp_naive, x, atol=1e-10)
+    # DDP averaged the gradients: every rank holds the same ones.
+    for p in ours.parameters():
+        gathered = [torch.empty_like(p.grad) for _ in range(world_size)]
+        dist.all_gather(gathered, p.grad)
+        torch.testing.assert_close(gathered[0], gathered[1], atol=0, rtol=0)
+
+
 def _ddp_worker(rank, world_size, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        ours, naive = tiny_pair()
-        torch.manual_seed(1)
-        batch = torch.randn(2 * world_size, 3, 8, 8, dtype=torch.float64)
-        x = batch[2 * rank:2 * rank + 2]  # each rank its own half of the batch
-        ddp_ours, ddp_naive = DistributedDataParallel(ours), DistributedDataParallel(naive)
-        for _ in range(2):  # the second step starts from buffers DDP broadcast from rank 0
-            assert_same_step(ddp_ours, ddp_naive, x, atol=1e-10)
-        # DDP averaged the gradients: every rank holds the same ones.
-        for p in ours.parameters():
-            gathered = [torch.empty_like(p.grad) for _ in range(world_size)]
-            dist.all_gather(gathered, p.grad)
-            torch.testing.assert_close(gathered[0], gathered[1], atol=0, rtol=0)
+        _ddp_steps(rank, world_size)  # the DDP wrappers are gone before their process group
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -70,6 +70,7 @@ def _worker(rank, world_size, init_file):
         torch.set_num_threads(1)
         for bn_size, recompute in CASES:
             _check_case(rank, bn_size, recompute)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

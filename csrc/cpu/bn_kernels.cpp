@@ -90,6 +90,37 @@ std::vector<math::BnAffine<acc_t>> normalizers(const BnParams& st, int64_t c_beg
   return out;
 }
 
+// Per-channel affines as columns (structure of arrays), so loops over channels vectorize.
+template <typename acc_t>
+struct AffineColumns {
+  std::vector<acc_t> mean, invstd, scale, shift;
+  explicit AffineColumns(const std::vector<math::BnAffine<acc_t>>& rows) {
+    for (const auto& a : rows) {
+      mean.push_back(a.mean), invstd.push_back(a.invstd), scale.push_back(a.scale), shift.push_back(a.shift);
+    }
+  }
+  math::BnAffine<acc_t> at(int64_t i) const { return {mean[i], invstd[i], scale[i], shift[i]}; }
+};
+
+// Calls run(n, c, s, length, value_at) over contiguous runs of channels [c0, c1): one
+// channel's pixels of one sample (NCHW) or the channels of one pixel (channels-last).
+// value_at(j) is channel_value(channel of the run's j-th element); the unit-stride loops
+// over a run vectorize when channel_value reads plain arrays.
+template <bool kChannelsLast, typename ChannelValue, typename Run>
+inline void for_each_run(const Extent& e, int64_t c0, int64_t c1, const ChannelValue& channel_value, const Run& run) {
+  if (kChannelsLast) {
+    const auto value_at = [&](int64_t j) { return channel_value(c0 + j); };
+    for (int64_t n = 0; n < e.batch; ++n)
+      for (int64_t s = 0; s < e.spatial; ++s) run(n, c0, s, c1 - c0, value_at);
+  } else {
+    for (int64_t c = c0; c < c1; ++c) {
+      const auto value = channel_value(c);
+      const auto value_at = [value](int64_t) { return value; };
+      for (int64_t n = 0; n < e.batch; ++n) run(n, c, 0, e.spatial, value_at);
+    }
+  }
+}
+
 void channel_moments(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, bool channels_last) {
   const Extent e(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_channel_moments", [&] {
@@ -126,9 +157,14 @@ void bn_relu_forward(const at::Tensor& x, const BnParams& bn, const at::Tensor& 
       constexpr bool kCL = decltype(layout)::value;
       const Plane<scalar_t, kCL> in(x), result(out);
       parallel_over_channels(e, [&](int64_t c0, int64_t c1) {
-        const auto a = affines<acc_t>(bn, c0, c1);
-        visit<kCL>(e, c0, c1, [&](int64_t c, int64_t n, int64_t s) {
-          result(n, c, s) = static_cast<scalar_t>(math::bn_relu(static_cast<acc_t>(in(n, c, s)), a[c - c0]));
+        const AffineColumns<acc_t> columns(affines<acc_t>(bn, c0, c1));
+        const auto affine = [&](int64_t c) { return columns.at(c - c0); };
+        for_each_run<kCL>(e, c0, c1, affine, [&](int64_t n, int64_t c, int64_t s, int64_t length, auto affine_at) {
+          const scalar_t* __restrict__ x_run = &in(n, c, s);
+          scalar_t* __restrict__ out_run = &result(n, c, s);
+          for (int64_t j = 0; j < length; ++j) {
+            out_run[j] = static_cast<scalar_t>(math::bn_relu(static_cast<acc_t>(x_run[j]), affine_at(j)));
+          }
         });
       });
     });
@@ -172,15 +208,16 @@ void backward_channel_run(const scalar_t* __restrict__ x, const scalar_t* __rest
   }
 }
 
-// Channels-last: the channels [c0, c0 + length) of one pixel; every channel has its own sums.
+// Channels-last: the channels [c0, c0 + length) of one pixel; every channel has its own sums
+// (acc_t partials over a tile of pixels, flushed to double by the caller).
 template <bool kAccumulate, typename scalar_t, typename acc_t>
 void backward_pixel_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dz, acc_t* __restrict__ acc,
-                        int64_t length, const math::BnAffine<acc_t>* __restrict__ a, double* __restrict__ sum_dy,
-                        double* __restrict__ sum_dy_xhat) {
+                        int64_t length, const AffineColumns<acc_t>& a, acc_t* __restrict__ sum_dy,
+                        acc_t* __restrict__ sum_dy_xhat) {
   for (int64_t j = 0; j < length; ++j) {
     acc_t dy_xhat;
-    sum_dy[j] += static_cast<double>(backward_element<kAccumulate>(x[j], dz[j], acc[j], a[j], dy_xhat));
-    sum_dy_xhat[j] += static_cast<double>(dy_xhat);
+    sum_dy[j] += backward_element<kAccumulate>(x[j], dz[j], acc[j], a.at(j), dy_xhat);
+    sum_dy_xhat[j] += dy_xhat;
   }
 }
 
@@ -202,10 +239,22 @@ void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnP
           const auto a = affines<acc_t>(bn, c0, c1);
           std::vector<double> partial_dy(c1 - c0, 0), partial_dy_xhat(c1 - c0, 0);
           if (kCL) {
-            for (int64_t n = 0; n < e.batch; ++n)
-              for (int64_t s = 0; s < e.spatial; ++s)
-                backward_pixel_run<kAccumulate>(&in(n, c0, s), &dz(n, c0, s), &acc(n, c0, s), c1 - c0, a.data(),
-                                                partial_dy.data(), partial_dy_xhat.data());
+            constexpr int64_t kTile = 64;  // pixels summed in acc_t before the double totals
+            const AffineColumns<acc_t> columns(a);
+            std::vector<acc_t> tile_dy(c1 - c0), tile_dy_xhat(c1 - c0);
+            for (int64_t n = 0; n < e.batch; ++n) {
+              for (int64_t s0 = 0; s0 < e.spatial; s0 += kTile) {
+                std::fill(tile_dy.begin(), tile_dy.end(), acc_t(0));
+                std::fill(tile_dy_xhat.begin(), tile_dy_xhat.end(), acc_t(0));
+                for (int64_t s = s0; s < std::min(s0 + kTile, e.spatial); ++s)
+                  backward_pixel_run<kAccumulate>(&in(n, c0, s), &dz(n, c0, s), &acc(n, c0, s), c1 - c0, columns,
+                                                  tile_dy.data(), tile_dy_xhat.data());
+                for (int64_t c = 0; c < c1 - c0; ++c) {
+                  partial_dy[c] += static_cast<double>(tile_dy[c]);
+                  partial_dy_xhat[c] += static_cast<double>(tile_dy_xhat[c]);
+                }
+              }
+            }
           } else {
             for (int64_t c = c0; c < c1; ++c)
               for (int64_t n = 0; n < e.batch; ++n)
@@ -222,6 +271,12 @@ void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnP
   });
 }
 
+template <typename acc_t>
+struct InputGradColumn {
+  math::BnAffine<acc_t> norm;  // x_hat = normalized(x, norm)
+  acc_t proj_mean, proj_xhat;
+};
+
 void bn_input_grad(const at::Tensor& x, const BnParams& stats, const at::Tensor& accumulated, const at::Tensor& direct,
                    const at::Tensor& proj_mean, const at::Tensor& proj_xhat, const at::Tensor& out,
                    bool channels_last) {
@@ -234,22 +289,30 @@ void bn_input_grad(const at::Tensor& x, const BnParams& stats, const at::Tensor&
       const Plane<acc_t, kCL> acc(accumulated);
       const bool has_direct = direct.defined();
       const Plane<scalar_t, kCL> dir(has_direct ? direct : out);
-      const bool has_proj = proj_mean.defined();
+      const bool has_proj = proj_mean.defined();  // eval mode has none: the statistics are constants
       const acc_t* pm = has_proj ? proj_mean.data_ptr<acc_t>() : nullptr;
       const acc_t* px = has_proj ? proj_xhat.data_ptr<acc_t>() : nullptr;
       parallel_over_channels(e, [&](int64_t c0, int64_t c1) {
-        if (!has_proj) {  // eval mode: statistics are constants
-          visit<kCL>(e, c0, c1, [&](int64_t c, int64_t n, int64_t s) {
-            const acc_t d = has_direct ? static_cast<acc_t>(dir(n, c, s)) : acc_t(0);
-            result(n, c, s) = static_cast<scalar_t>(d + acc(n, c, s));
-          });
-          return;
-        }
-        const auto norm = normalizers<acc_t>(stats, c0, c1);
-        visit<kCL>(e, c0, c1, [&](int64_t c, int64_t n, int64_t s) {
-          const acc_t d = has_direct ? static_cast<acc_t>(dir(n, c, s)) : acc_t(0);
-          const acc_t xhat = math::normalized(static_cast<acc_t>(in(n, c, s)), norm[c - c0]);
-          result(n, c, s) = static_cast<scalar_t>(math::final_input_grad(d, acc(n, c, s), xhat, pm[c], px[c]));
+        const AffineColumns<acc_t> norm(has_proj ? normalizers<acc_t>(stats, c0, c1)
+                                                 : std::vector<math::BnAffine<acc_t>>(c1 - c0));
+        const auto column = [&](int64_t c) {
+          return has_proj ? InputGradColumn<acc_t>{norm.at(c - c0), pm[c], px[c]} : InputGradColumn<acc_t>{};
+        };
+        for_each_run<kCL>(e, c0, c1, column, [&](int64_t n, int64_t c, int64_t s, int64_t length, auto column_at) {
+          const scalar_t* __restrict__ x_run = &in(n, c, s);
+          const scalar_t* __restrict__ direct_run = &dir(n, c, s);
+          const acc_t* __restrict__ acc_run = &acc(n, c, s);
+          scalar_t* __restrict__ out_run = &result(n, c, s);
+          for (int64_t j = 0; j < length; ++j) {
+            const acc_t d = has_direct ? static_cast<acc_t>(direct_run[j]) : acc_t(0);
+            if (!has_proj) {  // eval mode: x does not enter the gradient (not even a NaN in it)
+              out_run[j] = static_cast<scalar_t>(d + acc_run[j]);
+              continue;
+            }
+            const auto col = column_at(j);
+            const acc_t x_hat = math::normalized(static_cast<acc_t>(x_run[j]), col.norm);
+            out_run[j] = static_cast<scalar_t>(math::final_input_grad(d, acc_run[j], x_hat, col.proj_mean, col.proj_xhat));
+          }
         });
       });
     });
