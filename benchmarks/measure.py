@@ -4,15 +4,16 @@ Order inside the process: build the model and batch, then
 1. a correctness check of outputs and gradients against the naive implementation with the
    same weights, in float64, on the first CHECK_BATCH samples of the batch (see compare_with_naive);
 2. 1 + `warmup` warm-up steps;
-3. peak memory of one step above the process's baseline:
+3. `repeats` timed steps (CUDA: events + synchronize), with the allocator as users have it;
+4. peak memory of one more step above the process's baseline:
    CPU: the kernel's resident high-water mark (VmHWM) is reset by writing "5" to
-   /proc/self/clear_refs, the baseline is VmRSS just before the step, glibc is told to
-   hand freed blocks back to the OS (mmap threshold 64 KiB, trim threshold 128 KiB) so
-   the RSS follows what is really live;
+   /proc/self/clear_refs, the baseline is VmRSS just before the step, and glibc is first
+   told to hand freed blocks back to the OS at once (mmap threshold 64 KiB, trim threshold
+   128 KiB) so that the RSS follows what is really live. Timing comes before this: these
+   settings make every large allocation a fresh mmap, which would slow the steps down,
+   the more the more the implementation allocates;
    CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus the
-   memory allocated before the step;
-   this step, already warm, is also the first timing sample;
-4. `repeats - 1` more timed steps (CUDA: events + synchronize).
+   memory allocated before the step.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch
 
 from .workloads import BASELINE, Workload
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+MALLOC_THRESHOLDS = {"mmap": 65536, "trim": 131072}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers from glibc's malloc.h
 CHECK_BATCH = 2
 CHECK_TOLERANCE = 1e-8  # max |x - exact| / max |exact| for every compared tensor, both in float64
@@ -43,8 +44,8 @@ def return_freed_memory_to_os() -> None:
     """Makes glibc release freed blocks at once, so the resident set tracks live memory."""
     libc = _libc()
     if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, int(MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]))
-        libc.mallopt(_M_TRIM_THRESHOLD, int(MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"]))
+        libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_THRESHOLDS["mmap"])
+        libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_THRESHOLDS["trim"])
 
 
 def _release() -> None:
@@ -124,7 +125,8 @@ def compare_with_naive(workload: Workload) -> dict:
     """
     def outputs_and_grads(impl: str) -> dict[str, torch.Tensor]:
         twin = Workload(dict(workload.config, impl=impl), workload.device, dtype=torch.float64)
-        twin.model.load_state_dict(workload.model.state_dict())
+        if not workload.seeded_weights:
+            twin.model.load_state_dict(workload.model.state_dict())
         return twin.outputs_and_grads(CHECK_BATCH)
 
     exact = outputs_and_grads(BASELINE)
@@ -136,7 +138,6 @@ def measure(config: dict) -> dict:
     """Every figure for one configuration (run it in a fresh process)."""
     device = torch.device(config["device"])
     torch.set_num_threads(config["threads"])
-    return_freed_memory_to_os()
     workload = Workload(config, device)
     check = compare_with_naive(workload) if config.get("check", True) and config["impl"] != BASELINE else None
     if check is not None and not check["passed"]:
@@ -144,13 +145,14 @@ def measure(config: dict) -> dict:
     for _ in range(1 + config["warmup"]):  # lazy initialisation, optimizer state, allocator pools
         workload.step()
     timed_step = Timed(workload.step, device)
-    if device.type == "cuda":
-        peak = cuda_peak_bytes(timed_step, device)
-    else:
-        peak = cpu_peak_bytes(timed_step)
-    for _ in range(config["repeats"] - 1):
+    for _ in range(config["repeats"]):
         timed_step()
     samples = timed_step.samples
+    if device.type == "cuda":
+        peak = cuda_peak_bytes(workload.step, device)
+    else:
+        return_freed_memory_to_os()
+        peak = cpu_peak_bytes(workload.step)
     return {"peak_bytes": peak, "check": check,
             "time_s": {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
                        "samples": samples}}

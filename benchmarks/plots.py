@@ -5,9 +5,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from .report import MIB, _groups, _median, _peak
-from .workloads import IMPLEMENTATIONS
+from .workloads import ALL_IMPLEMENTATIONS
 
-COLORS = dict(zip(IMPLEMENTATIONS, ("tab:red", "tab:orange", "tab:blue", "tab:green")))
+COLORS = dict(zip(ALL_IMPLEMENTATIONS,
+                  ("tab:red", "tab:orange", "tab:blue", "tab:green", "tab:purple", "tab:cyan")))
 
 
 def _pyplot():
@@ -31,7 +32,7 @@ def _plot_sweep(path: Path, series, ylabel: str, scale: float, budget: float | N
     figure, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 4.5), squeeze=False)
     for axis, growth in zip(axes[0], sorted(series)):
         largest = max(value for points in series[growth].values() for _, value in points)
-        for impl in IMPLEMENTATIONS:
+        for impl in ALL_IMPLEMENTATIONS:
             if impl in series[growth]:
                 depths, values = zip(*series[growth][impl])
                 axis.plot(depths, [v / scale for v in values], "o-", color=COLORS[impl], label=impl)
@@ -52,14 +53,15 @@ def _plot_bars(path: Path, title: str, groups: dict[str, list[dict]]) -> None:
     plt = _pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     labels = list(groups)
-    width = 0.8 / len(IMPLEMENTATIONS)
+    impls = [i for i in ALL_IMPLEMENTATIONS if any(r["impl"] == i for group in groups.values() for r in group)]
+    width = 0.8 / len(impls)
     for axis, value, scale, ylabel in ((axes[0], _peak, MIB, "peak memory above baseline (MiB)"),
                                        (axes[1], _median, 1e-3, "median step time (ms)")):
-        for index, impl in enumerate(IMPLEMENTATIONS):
+        for index, impl in enumerate(impls):
             heights = [next((value(r) / scale for r in groups[label] if r["impl"] == impl and value(r) is not None),
                             0.0) for label in labels]
             if any(heights):
-                positions = [x + (index - (len(IMPLEMENTATIONS) - 1) / 2) * width for x in range(len(labels))]
+                positions = [x + (index - (len(impls) - 1) / 2) * width for x in range(len(labels))]
                 axis.bar(positions, heights, width, color=COLORS[impl], label=impl)
         axis.set_xticks(range(len(labels)), labels)
         axis.set_ylabel(ylabel)

@@ -5,7 +5,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from .workloads import BASELINE, IMPLEMENTATIONS, describe
+from .workloads import ALL_IMPLEMENTATIONS, BASELINE, describe
 
 MIB = 2**20
 
@@ -53,7 +53,7 @@ def comparison_rows(group: list[dict]) -> list[list[str]]:
     base_peak = _peak(baseline) if baseline else None
     base_time = _median(baseline) if baseline and _ok(baseline) else None
     rows = []
-    for record in sorted(group, key=lambda r: IMPLEMENTATIONS.index(r["impl"])):
+    for record in sorted(group, key=lambda r: ALL_IMPLEMENTATIONS.index(r["impl"])):
         peak, median = _peak(record), _median(record)
         times = record["result"].get("time_s")
         rows.append([record["impl"],
@@ -74,7 +74,7 @@ def depth_rows(records: list[dict], growth: int) -> tuple[list[str], list[list[s
     for record in records:
         if record["shape"]["growth"] == growth:
             by_depth[record["shape"]["num_layers"]][record["impl"]] = record
-    impls = [i for i in IMPLEMENTATIONS if any(i in row for row in by_depth.values())]
+    impls = [i for i in ALL_IMPLEMENTATIONS if any(i in row for row in by_depth.values())]
     rows = []
     for layers in sorted(by_depth):
         cells = [str(layers)]
@@ -105,7 +105,7 @@ def deepest_within_budget(records: list[dict], budget_bytes: float) -> list[dict
             points[(record["shape"]["growth"], record["impl"])].append((record["shape"]["num_layers"], _peak(record)))
     estimates = []
     for (growth, impl), measured in sorted(points.items(), key=lambda item: (item[0][0],
-                                                                           IMPLEMENTATIONS.index(item[0][1]))):
+                                                                           ALL_IMPLEMENTATIONS.index(item[0][1]))):
         if len(measured) < 3:
             continue
         depths, peaks = map(np.asarray, zip(*sorted(measured)))

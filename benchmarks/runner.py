@@ -2,8 +2,7 @@
 
 Fresh processes come from a multiprocessing fork server that has imported torch,
 torchvision and dense_ops and allocated no tensors: each configuration starts from a
-clean heap without paying the import time again. The server is started with glibc's
-malloc thresholds in its environment (see measure.MALLOC_ENV).
+clean heap without paying the import time again.
 """
 from __future__ import annotations
 
@@ -25,7 +24,6 @@ PRELOAD = ["torch", "torchvision.models.densenet", "dense_ops", "benchmarks.meas
 
 
 def _fork_server():
-    os.environ.update(measure.MALLOC_ENV)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
     return context

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from itertools import product
 
-from .workloads import IMPLEMENTATIONS, MEMORY_FORMATS
+from .workloads import CONDENSENET_IMPLEMENTATIONS, IMPLEMENTATIONS, MEMORY_FORMATS
 
 # Sizes per set. "full" uses issue 2's sizes: one dense block with L=24, C0=32, k=12,
 # bn_size=4 at N=32, 32x32, and DenseNet-BC-100 (k=12) at N=64, 32x32. "quick" keeps the
@@ -15,15 +15,18 @@ SIZES = {
     "full": {"block": {"num_layers": 24, "c0": 32, "growth": 12, "bn_size": 4, "batch": 32, "size": 32},
              "cifar": {"depth": 100, "growth": 12, "batch": 64, "size": 32},
              "imagenet": {"batch": 16, "size": 128},
+             "condensenet": {"batches": (1, 32), "size": 224},
              "sweep": {"batch": 8, "size": 8, "depths": {12: (16, 32, 64, 128, 192, 256),
                                                           32: (16, 32, 64, 128, 192, 256)}}},
     "quick": {"block": {"num_layers": 24, "c0": 32, "growth": 12, "bn_size": 4, "batch": 8, "size": 32},
               "cifar": {"depth": 100, "growth": 12, "batch": 16, "size": 32},
               "imagenet": {"batch": 8, "size": 64},
+              "condensenet": {"batches": (1, 8), "size": 224},
               "sweep": {"batch": 8, "size": 8, "depths": {12: (16, 32, 64, 128), 32: (16, 32, 64)}}},
     "smoke": {"block": {"num_layers": 6, "c0": 16, "growth": 8, "bn_size": 4, "batch": 4, "size": 16},
               "cifar": {"depth": 40, "growth": 12, "batch": 4, "size": 32},
               "imagenet": {"batch": 2, "size": 32},
+              "condensenet": {"batches": (1,), "size": 64},
               "sweep": {"batch": 2, "size": 8, "depths": {12: (4, 8, 16), 32: (4, 8, 16)}}},
 }
 INFERENCE_IMPLEMENTATIONS = ("naive", "dense_ops/bn_relu")  # recompute levels only differ in training
@@ -77,5 +80,14 @@ def inference(options) -> list[dict]:
                        _formats(options), "eval", options))
 
 
+def condensenet(options) -> list[dict]:
+    """Inference of the converted CondenseNet-74 (C=G=4): the fused op against the official
+    converted form and the masked training-time model."""
+    sizes = SIZES[options.size]["condensenet"]
+    shapes = [{"batch": batch, "size": sizes["size"]} for batch in sizes["batches"]]
+    return _configs("condensenet", "condensenet74", shapes, CONDENSENET_IMPLEMENTATIONS, ["contiguous"], "eval",
+                    options)
+
+
 SUITES = {"block": block, "densenet_bc100": densenet_bc100, "densenet121": densenet121, "depth": depth,
-          "inference": inference}
+          "inference": inference, "condensenet": condensenet}

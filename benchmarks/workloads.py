@@ -12,6 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 IMPLEMENTATIONS = ("naive", "checkpoint", "dense_ops/bn_relu", "dense_ops/bottleneck")
+# Converted CondenseNet inference: "naive" is the official code's converted form (index_select,
+# BN, ReLU, grouped conv, shuffle, torch.cat per layer), "masked" the training-time model with
+# its masked dense 1x1 convs, "dense_ops/fused" our CondensedConv op and preallocated buffers.
+CONDENSENET_IMPLEMENTATIONS = ("naive", "masked", "dense_ops/fused")
+ALL_IMPLEMENTATIONS = IMPLEMENTATIONS + CONDENSENET_IMPLEMENTATIONS[1:]  # display order
 BASELINE = "naive"
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -49,11 +54,33 @@ def _densenet121(impl: str, shape: dict) -> nn.Module:
     return models.densenet121(block_type=block_type, recompute=recompute)
 
 
-# workload name -> (model builder, does the model classify (else: it returns a feature map))
+def _condensenet74(impl: str, shape: dict) -> nn.Module:
+    """CondenseNet-74 (C=G=4), fully condensed, with random weights and BN statistics drawn from
+    a fixed seed: every implementation gets the same weights in its own form."""
+    import dense_ops
+    if impl not in CONDENSENET_IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {CONDENSENET_IMPLEMENTATIONS}, got {impl!r}")
+    torch.manual_seed(0)
+    model = dense_ops.models.condensenet74(condense_factor=4)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    dense_ops.update_condensation(model, 1.0)
+    if impl == "masked":
+        return model
+    fused = dense_ops.condense(model.eval(), prune_classifier=False)
+    return fused if impl == "dense_ops/fused" else dense_ops.reference.unfused_condensenet(fused)
+
+
+# workload name -> (model builder, does the model classify (else: it returns a feature map),
+#                   are its weights fixed by the builder (else the correctness check copies them))
 WORKLOADS = {
-    "block": (_dense_block, False),
-    "densenet_cifar": (_densenet_cifar, True),
-    "densenet121": (_densenet121, True),
+    "block": (_dense_block, False, False),
+    "densenet_cifar": (_densenet_cifar, True, False),
+    "densenet121": (_densenet121, True, False),
+    "condensenet74": (_condensenet74, True, True),
 }
 
 
@@ -64,6 +91,8 @@ def describe(config: dict) -> str:
         return f"block L={s['num_layers']} k={s['growth']} C0={s['c0']} N={s['batch']} {s['size']}x{s['size']}"
     if config["workload"] == "densenet_cifar":
         return f"DenseNet-BC-{s['depth']} k={s['growth']} N={s['batch']} {s['size']}x{s['size']}"
+    if config["workload"] == "condensenet74":
+        return f"CondenseNet-74 C=G=4 N={s['batch']} {s['size']}x{s['size']}"
     return f"densenet121 N={s['batch']} {s['size']}x{s['size']}"
 
 
@@ -71,7 +100,7 @@ class Workload:
     """A model, its input and one training or inference step, built on one device and memory format."""
 
     def __init__(self, config: dict, device: torch.device, seed: int = 0, dtype: torch.dtype = torch.float32):
-        builder, self.classifies = WORKLOADS[config["workload"]]
+        builder, self.classifies, self.seeded_weights = WORKLOADS[config["workload"]]
         self.config = config
         self.device = device
         self.memory_format = MEMORY_FORMATS[config["memory_format"]]
@@ -89,7 +118,8 @@ class Workload:
         x = torch.randn(s["batch"], channels, s["size"], s["size"], generator=generator)
         x = x.to(self.device, dtype).contiguous(memory_format=self.memory_format)
         if self.classifies:
-            target = torch.randint(0, 10 if self.config["workload"] == "densenet_cifar" else 1000, (s["batch"],),
+            classes = 10 if self.config["workload"] == "densenet_cifar" else 1000
+            target = torch.randint(0, classes, (s["batch"],),
                                    generator=generator).to(self.device)
         else:
             # The gradient flowing into the block's output, as if the rest of a network (and a mean loss) followed.
