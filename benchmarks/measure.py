@@ -1,19 +1,20 @@
-"""Measures one configuration inside its own fresh process: peak memory, correctness, time.
+"""Measures one configuration in two fresh processes: one for correctness and peak memory,
+one for time, each starting from the same clean fork-server state.
 
-Order inside the process: build the model and batch, then
+Memory process: build the model and batch, then
 1. a correctness check of outputs and gradients against the naive implementation with the
    same weights, in float64, on the first CHECK_BATCH samples of the batch (see compare_with_naive);
 2. 1 + `warmup` warm-up steps;
-3. `repeats` timed steps (CUDA: events + synchronize), with the allocator as users have it;
-4. peak memory of one more step above the process's baseline:
+3. peak memory of one step above the process's baseline:
    CPU: the kernel's resident high-water mark (VmHWM) is reset by writing "5" to
-   /proc/self/clear_refs, the baseline is VmRSS just before the step, and glibc is first
-   told to hand freed blocks back to the OS at once (mmap threshold 64 KiB, trim threshold
-   128 KiB) so that the RSS follows what is really live. Timing comes before this: these
-   settings make every large allocation a fresh mmap, which would slow the steps down,
-   the more the more the implementation allocates;
+   /proc/self/clear_refs, the baseline is VmRSS just before the step; glibc is told from
+   the start to hand freed blocks back to the OS at once (mmap threshold 64 KiB, trim
+   threshold 128 KiB) so that the RSS follows what is really live;
    CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus the
    memory allocated before the step.
+Time process, with the allocator as users have it (the settings above make every large
+allocation a fresh mmap, which slows steps down, the more the more an implementation
+allocates): 1 + `warmup` warm-up steps, then `repeats` timed steps (CUDA: events + synchronize).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 
 from .workloads import BASELINE, Workload
 
-MALLOC_THRESHOLDS = {"mmap": 65536, "trim": 131072}
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers from glibc's malloc.h
 CHECK_BATCH = 2
 CHECK_TOLERANCE = 1e-8  # max |x - exact| / max |exact| for every compared tensor, both in float64
@@ -44,8 +45,8 @@ def return_freed_memory_to_os() -> None:
     """Makes glibc release freed blocks at once, so the resident set tracks live memory."""
     libc = _libc()
     if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_THRESHOLDS["mmap"])
-        libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_THRESHOLDS["trim"])
+        libc.mallopt(_M_MMAP_THRESHOLD, int(MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]))
+        libc.mallopt(_M_TRIM_THRESHOLD, int(MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"]))
 
 
 def _release() -> None:
@@ -134,34 +135,43 @@ def compare_with_naive(workload: Workload) -> dict:
     return {"max_rel_error": error, "worst_tensor": worst, "tensors": len(exact), "passed": error <= CHECK_TOLERANCE}
 
 
-def measure(config: dict) -> dict:
-    """Every figure for one configuration (run it in a fresh process)."""
+def measure_memory(config: dict) -> dict:
+    """Correctness check and peak memory of one configuration (run it in a fresh process)."""
     device = torch.device(config["device"])
     torch.set_num_threads(config["threads"])
+    return_freed_memory_to_os()
     workload = Workload(config, device)
     check = compare_with_naive(workload) if config.get("check", True) and config["impl"] != BASELINE else None
     if check is not None and not check["passed"]:
         return {"check": check, "error": "correctness check against naive failed"}
     for _ in range(1 + config["warmup"]):  # lazy initialisation, optimizer state, allocator pools
         workload.step()
+    peak = cuda_peak_bytes(workload.step, device) if device.type == "cuda" else cpu_peak_bytes(workload.step)
+    return {"peak_bytes": peak, "check": check}
+
+
+def measure_time(config: dict) -> dict:
+    """Step times of one configuration (run it in a fresh process)."""
+    device = torch.device(config["device"])
+    torch.set_num_threads(config["threads"])
+    workload = Workload(config, device)
+    for _ in range(1 + config["warmup"]):
+        workload.step()
     timed_step = Timed(workload.step, device)
     for _ in range(config["repeats"]):
         timed_step()
     samples = timed_step.samples
-    if device.type == "cuda":
-        peak = cuda_peak_bytes(workload.step, device)
-    else:
-        return_freed_memory_to_os()
-        peak = cpu_peak_bytes(workload.step)
-    return {"peak_bytes": peak, "check": check,
-            "time_s": {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
+    return {"time_s": {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
                        "samples": samples}}
 
 
-def measure_to_pipe(config: dict, connection) -> None:
-    """Process entry point: sends measure()'s result, or the error, back through `connection`."""
+MEASUREMENTS = {"memory": measure_memory, "time": measure_time}
+
+
+def measure_to_pipe(kind: str, config: dict, connection) -> None:
+    """Process entry point: sends MEASUREMENTS[kind]'s result, or the error, back through `connection`."""
     try:
-        result = measure(config)
+        result = MEASUREMENTS[kind](config)
     except BaseException as error:  # report everything to the parent, which carries on with the next one
         result = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
     connection.send(result)

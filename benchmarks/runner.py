@@ -30,8 +30,16 @@ def _fork_server():
 
 
 def run_one(context, config: dict, timeout_s: float) -> dict:
+    """Correctness and memory in one fresh process, then time in another (see benchmarks.measure)."""
+    result = _run_in_process(context, "memory", config, timeout_s)
+    if "error" not in result:
+        result.update(_run_in_process(context, "time", config, timeout_s))
+    return result
+
+
+def _run_in_process(context, kind: str, config: dict, timeout_s: float) -> dict:
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=measure.measure_to_pipe, args=(config, sender), daemon=True)
+    process = context.Process(target=measure.measure_to_pipe, args=(kind, config, sender), daemon=True)
     process.start()
     sender.close()
     try:
