@@ -174,8 +174,9 @@ def print_tables(tables) -> None:
 def write_markdown(path: Path, tables, machine: dict, command: str) -> None:
     parts = [f"# dense-ops benchmark results\n\nMachine: {machine_line(machine)}\n\nCommand: `{command}`\n",
              "Peak memory: above the process baseline, one training step (forward + backward + SGD step) or one "
-             "inference forward, measured in a fresh process per row. Time: median of the repetitions, "
-             "with min-max.\n"]
+             "inference forward, measured in a fresh process per row, freed memory returned to the OS at once. "
+             "Time: median of the repetitions, with min-max, in another fresh process with the default "
+             "allocator.\n"]
     parts += [f"## {title}\n\n{markdown_table(headers, rows)}\n" for title, headers, rows in tables]
     path.write_text("\n".join(parts))
 

@@ -18,8 +18,8 @@ TORCH_LIBRARY(dense_ops, m) {
   // (a c10d process group name), training statistics are taken over the whole group.
   m.def(
       "dense_block_forward(Tensor input, Tensor[] layer_params, Tensor? dropout_mask, bool bottleneck, "
-      "bool training, bool keep_bottleneck, float eps, str? sync_group=None) -> (Tensor features, Tensor batch_mean, Tensor batch_var, "
-      "Tensor[] saved_bottleneck, Tensor bottleneck_mean, Tensor bottleneck_var)");
+      "bool training, bool keep_bottleneck, float eps, str? sync_group=None) -> (Tensor features, "
+      "Tensor batch_mean, Tensor batch_var, Tensor[] saved_bottleneck, Tensor bottleneck_mean, Tensor bottleneck_var)");
   m.def(
       "dense_block_backward(Tensor grad_features, Tensor features, Tensor batch_mean, Tensor batch_var, "
       "Tensor[] saved_bottleneck, Tensor bottleneck_mean, Tensor bottleneck_var, Tensor[] layer_params, "

@@ -41,6 +41,6 @@ def build_info() -> dict:
 
 
 __all__ = ["CondensedConv", "CondensedLinear", "DenseBlock", "DenseLayer", "LearnedGroupConv", "Transition",
-           "build_info", "condense", "convert_sync_batchnorm", "functional", "group_lasso_loss", "models", "ops", "reference",
-           "swap_dense_blocks", "update_condensation", "utils"]
+           "build_info", "condense", "convert_sync_batchnorm", "functional", "group_lasso_loss", "models", "ops",
+           "reference", "swap_dense_blocks", "update_condensation", "utils"]
 __version__ = "0.1.0"

@@ -93,9 +93,10 @@ def swap_dense_blocks(model: nn.Module, *, recompute: str = "bn_relu") -> nn.Mod
     The new blocks take over the old blocks' BatchNorm and Conv modules, so parameters and
     buffers are the same objects (optimizers keep working), on the same device and dtype;
     train/eval mode and drop_rate carry over; blocks whose norms are nn.SyncBatchNorm become
-    synchronized blocks over the same process group (see convert_sync_batchnorm). Only these exact classes are swapped: subclasses
-    may change forward and are left alone. If `model` itself is such a block, the new block
-    is returned. `recompute` is passed to every new DenseBlock.
+    synchronized blocks over the same process group (see convert_sync_batchnorm). Only these
+    exact classes are swapped: subclasses may change forward and are left alone. If `model`
+    itself is such a block, the new block is returned. `recompute` is passed to every new
+    DenseBlock.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap_dense_blocks: model must be a torch.nn.Module, got {type(model).__name__}")

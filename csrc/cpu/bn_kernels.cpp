@@ -311,7 +311,8 @@ void bn_input_grad(const at::Tensor& x, const BnParams& stats, const at::Tensor&
             }
             const auto col = column_at(j);
             const acc_t x_hat = math::normalized(static_cast<acc_t>(x_run[j]), col.norm);
-            out_run[j] = static_cast<scalar_t>(math::final_input_grad(d, acc_run[j], x_hat, col.proj_mean, col.proj_xhat));
+            out_run[j] =
+                static_cast<scalar_t>(math::final_input_grad(d, acc_run[j], x_hat, col.proj_mean, col.proj_xhat));
           }
         });
       });
