@@ -64,9 +64,6 @@ void with_flag(bool flag, const F& f) {
   if (flag) f(std::true_type{}); else f(std::false_type{});
 }
 
-template <typename F>
-void with_layout(bool channels_last, const F& f) { with_flag(channels_last, f); }
-
 template <typename acc_t>
 std::vector<math::BnAffine<acc_t>> affines(const BnParams& bn, int64_t c_begin, int64_t c_end) {
   const acc_t* w = bn.weight.data_ptr<acc_t>();
@@ -126,7 +123,7 @@ void channel_moments(const at::Tensor& x, const at::Tensor& mean, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_channel_moments", [&] {
     using stat_t = at::opmath_type<scalar_t>;
     using sum_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
-    with_layout(channels_last, [&](auto layout) {
+    with_flag(channels_last, [&](auto layout) {
       constexpr bool kCL = decltype(layout)::value;
       const Plane<scalar_t, kCL> in(x);
       stat_t* mean_out = mean.data_ptr<stat_t>();
@@ -153,7 +150,7 @@ void bn_relu_forward(const at::Tensor& x, const BnParams& bn, const at::Tensor& 
   const Extent e(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_relu_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    with_layout(channels_last, [&](auto layout) {
+    with_flag(channels_last, [&](auto layout) {
       constexpr bool kCL = decltype(layout)::value;
       const Plane<scalar_t, kCL> in(x), result(out);
       parallel_over_channels(e, [&](int64_t c0, int64_t c1) {
@@ -227,7 +224,7 @@ void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnP
   const Extent e(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_relu_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    with_layout(channels_last, [&](auto layout) {
+    with_flag(channels_last, [&](auto layout) {
       constexpr bool kCL = decltype(layout)::value;
       with_flag(accumulate, [&](auto accumulate_flag) {
         constexpr bool kAccumulate = decltype(accumulate_flag)::value;
@@ -283,7 +280,7 @@ void bn_input_grad(const at::Tensor& x, const BnParams& stats, const at::Tensor&
   const Extent e(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_input_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    with_layout(channels_last, [&](auto layout) {
+    with_flag(channels_last, [&](auto layout) {
       constexpr bool kCL = decltype(layout)::value;
       const Plane<scalar_t, kCL> in(x), result(out);
       const Plane<acc_t, kCL> acc(accumulated);
