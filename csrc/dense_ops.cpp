@@ -30,12 +30,16 @@ TORCH_LIBRARY(dense_ops, m) {
       "Tensor[] batch_var, float[] momentum, int count) -> ()");
   // CondenseNet's condensed 1x1 convolution (common/condense_math.h): gather index[g*K + k] for
   // group g, relu(x * scale + shift) per gathered channel, grouped GEMM with weight [O, K(, 1, 1)],
-  // output channel g*D + j of the grouped conv written to its shuffled position j*groups + g.
-  m.def("condensed_conv(Tensor input, Tensor index, Tensor scale, Tensor shift, Tensor weight, int groups) -> Tensor");
+  // output channel g*D + j of the grouped conv written to its shuffled position j*groups + g;
+  // with out_scale and out_shift (per output channel), relu(y * out_scale + out_shift) is written
+  // instead of y: the following layer's eval-mode BN and ReLU, fused.
+  m.def(
+      "condensed_conv(Tensor input, Tensor index, Tensor scale, Tensor shift, Tensor weight, int groups, "
+      "Tensor? out_scale=None, Tensor? out_shift=None) -> Tensor");
   // The same, written into channels [out_offset, out_offset + O) of a preallocated buffer.
   m.def(
       "condensed_conv_into(Tensor input, Tensor index, Tensor scale, Tensor shift, Tensor weight, int groups, "
-      "Tensor(a!) out, int out_offset) -> ()");
+      "Tensor(a!) out, int out_offset, Tensor? out_scale=None, Tensor? out_shift=None) -> ()");
 }
 
 namespace {

@@ -150,6 +150,12 @@ def group_lasso_loss(model: nn.Module) -> torch.Tensor:
     return torch.stack(terms).sum()
 
 
+def fold_batch_norm(norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BN as one affine map per channel: norm(x) = x * scale + shift."""
+    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+    return scale, norm.bias - norm.running_mean * scale
+
+
 class CondensedConv(nn.Module):
     """The inference form of a LearnedGroupConv: gather input channels `index` (K per group),
     BN + ReLU, grouped 1x1 conv, channel shuffle; one fused op (dense_ops.ops.condensed_conv).
@@ -194,18 +200,29 @@ class CondensedConv(nn.Module):
 
     def folded_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The eval-mode BN as one affine map per gathered channel: (scale, shift)."""
-        norm = self.norm
-        scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
-        return scale, norm.bias - norm.running_mean * scale
+        return fold_batch_norm(self.norm)
 
-    def _needs_reference(self, x: torch.Tensor) -> bool:
-        return self.training or (torch.is_grad_enabled() and (x.requires_grad or any(
-            p.requires_grad for p in self.parameters())))
+    def _needs_reference(self, x: torch.Tensor, *modules: nn.Module) -> bool:
+        modules = (self, *modules)
+        return any(m.training for m in modules) or (torch.is_grad_enabled() and (x.requires_grad or any(
+            p.requires_grad for m in modules for p in m.parameters())))
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"CondensedConv: expected input [N, {self.in_channels}, H, W], got {tuple(x.shape)}")
+
+    def forward_bn_relu(self, x: torch.Tensor, norm: nn.BatchNorm2d) -> torch.Tensor:
+        """relu(norm(self(x))) for the BatchNorm2d that follows this layer: in eval mode without
+        autograd, the norm's affine and the ReLU are applied by the op as it writes its output."""
+        self._check_input(x)
+        if self._needs_reference(x, norm):
+            return F.relu(norm(self(x)))
+        scale, shift = self.folded_norm()
+        return ops.condensed_conv(x, self.index, scale, shift, self.weight, self.groups, *fold_batch_norm(norm))
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, out_offset: int = 0) -> torch.Tensor:
         """Returns the output, or writes it into out[:, out_offset:out_offset + out_channels] and returns out."""
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"CondensedConv: expected input [N, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        self._check_input(x)
         if self._needs_reference(x):
             y = reference.condensed_conv(x, self.index, self.norm, self.weight, self.groups)
             if out is None:

@@ -151,14 +151,15 @@ def _condensed_out_channels(weight, groups):
 
 
 @torch.library.register_fake("dense_ops::condensed_conv")
-def _condensed_conv_fake(input, index, scale, shift, weight, groups):
+def _condensed_conv_fake(input, index, scale, shift, weight, groups, out_scale=None, out_shift=None):
     n, _, h, w = input.shape
     out_channels = _condensed_out_channels(weight, groups)
     return _empty((n, out_channels, h, w), input, memory_format=suggest_memory_format(input))
 
 
 @torch.library.register_fake("dense_ops::condensed_conv_into")
-def _condensed_conv_into_fake(input, index, scale, shift, weight, groups, out, out_offset):
+def _condensed_conv_into_fake(input, index, scale, shift, weight, groups, out, out_offset, out_scale=None,
+                              out_shift=None):
     _condensed_out_channels(weight, groups)
     return None
 
@@ -172,12 +173,14 @@ def _condensed_conv_backward(ctx, grad):
 torch.library.register_autograd("dense_ops::condensed_conv", _condensed_conv_backward)
 
 
-def condensed_conv(input, index, scale, shift, weight, groups):
+def condensed_conv(input, index, scale, shift, weight, groups, out_scale=None, out_shift=None):
     """Gather input[:, index] -> relu(x * scale + shift) -> grouped 1x1 conv -> channel shuffle, as one op.
-    index, scale, shift: [groups * K]; weight: [O, K] or [O, K, 1, 1]."""
-    return torch.ops.dense_ops.condensed_conv(input, index, scale, shift, weight, groups)
+    index, scale, shift: [groups * K]; weight: [O, K] or [O, K, 1, 1]. With out_scale and out_shift
+    ([O], per output channel) the op returns relu(y * out_scale + out_shift): the next BN and ReLU, fused."""
+    return torch.ops.dense_ops.condensed_conv(input, index, scale, shift, weight, groups, out_scale, out_shift)
 
 
-def condensed_conv_into(input, index, scale, shift, weight, groups, out, out_offset):
+def condensed_conv_into(input, index, scale, shift, weight, groups, out, out_offset, out_scale=None, out_shift=None):
     """condensed_conv written into channels [out_offset, out_offset + O) of the preallocated out."""
-    torch.ops.dense_ops.condensed_conv_into(input, index, scale, shift, weight, groups, out, out_offset)
+    torch.ops.dense_ops.condensed_conv_into(input, index, scale, shift, weight, groups, out, out_offset, out_scale,
+                                            out_shift)

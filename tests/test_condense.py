@@ -9,7 +9,7 @@ from torch import nn
 
 import dense_ops
 from dense_ops import CondensedConv, CondensedLinear, LearnedGroupConv, condense, group_lasso_loss, reference
-from dense_ops.condense import _learned_group_convs as learned_group_convs, condensation_stage
+from dense_ops.condense import _learned_group_convs as learned_group_convs, condensation_stage, fold_batch_norm
 from dense_ops.models import condensenet74, condensenet_cifar
 from dense_ops.models.condensenet import average_pool_2x2_into, block_diagonal
 from dense_ops.utils import count_flops_params
@@ -69,6 +69,28 @@ def test_condensed_conv_into_writes_only_its_slice(device, channels_last):
     torch.testing.assert_close(buffer[:, 15:], before[:, 15:])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_condensed_conv_applies_the_next_batch_norm_and_relu(device, channels_last):
+    layer = condensed_layer(device=device)
+    following = randomize(nn.BatchNorm2d(layer.out_channels)).to(device, torch.float64).eval()
+    x = torch.randn(3, 12, 5, 6, dtype=torch.float64, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    out_scale, out_shift = fold_batch_norm(following)
+    buffer = torch.zeros(3, 20, 5, 6, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        expected = torch.relu(following(reference.condensed_conv(x, layer.index, layer.norm, layer.weight,
+                                                                 layer.groups)))
+        actual = dense_ops.ops.condensed_conv(x, *op_args(layer), out_scale, out_shift)
+        dense_ops.ops.condensed_conv_into(x, *op_args(layer), buffer, 5, out_scale, out_shift)
+        module_output = layer.forward_bn_relu(x, following)
+    assert (expected == 0).any() and (expected > 0).any()  # the ReLU is exercised
+    for result in (actual, buffer[:, 5:13], module_output):
+        torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
+    assert buffer[:, :5].eq(0).all() and buffer[:, 13:].eq(0).all()
+
+
 def test_condensed_conv_half_precision_accumulates_in_float():
     layer = condensed_layer(dtype=torch.float32)
     x = torch.randn(2, 12, 3, 3)
@@ -87,6 +109,10 @@ def test_condensed_conv_opcheck():
                           (x.to(memory_format=torch.channels_last), *op_args(layer)))
     buffer = torch.zeros(2, 11, 3, 4)
     torch.library.opcheck(torch.ops.dense_ops.condensed_conv_into.default, (x, *op_args(layer), buffer, 3))
+    epilogue = (torch.rand(8) + 0.5, torch.randn(8))
+    torch.library.opcheck(torch.ops.dense_ops.condensed_conv.default, (x, *op_args(layer), *epilogue))
+    torch.library.opcheck(torch.ops.dense_ops.condensed_conv_into.default,
+                          (x, *op_args(layer), buffer, 3, *epilogue))
 
 
 def test_condensed_conv_empty_batch():
@@ -109,6 +135,10 @@ def test_condensed_conv_bad_arguments():
         dense_ops.ops.condensed_conv(x, index, scale, shift, weight.double(), groups)
     with pytest.raises(RuntimeError, match="exceeds out's"):
         dense_ops.ops.condensed_conv_into(x, index, scale, shift, weight, groups, torch.zeros(1, 10, 2, 2), 3)
+    with pytest.raises(RuntimeError, match="out_scale and out_shift must be given together"):
+        dense_ops.ops.condensed_conv(x, index, scale, shift, weight, groups, torch.ones(8))
+    with pytest.raises(RuntimeError, match="out_scale and out_shift must be floating 1-D tensors of out_channels=8"):
+        dense_ops.ops.condensed_conv(x, index, scale, shift, weight, groups, torch.ones(7), torch.zeros(7))
     with pytest.raises(ValueError, match=r"expected input \[N, 12, H, W\]"):
         layer(torch.randn(1, 11, 2, 2))
 
@@ -276,6 +306,16 @@ def test_inference_block_uses_one_buffer_and_matches_concatenation(monkeypatch):
 
         monkeypatch.setattr(torch, "cat", no_cat)
         torch.testing.assert_close(converted(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_forward_hooks_still_run():
+    converted = condense(trained_like_cifar(), prune_classifier=False)
+    layer = converted.features.denseblock_1.denselayer_1
+    seen = []
+    layer.conv_2.norm.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    with torch.no_grad():
+        converted(torch.randn(2, 3, 32, 32))
+    assert seen == [(2, layer.conv_2.norm.num_features, 32, 32)]  # the fused BN-ReLU path stepped aside
 
 
 def test_inference_paths_match_training_model_on_odd_sizes():

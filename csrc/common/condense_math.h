@@ -86,6 +86,8 @@ struct PlaneStrides {
 // supplies only its gather and scatter kernels.
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace dense_ops {
 namespace condense {
 
@@ -99,13 +101,20 @@ struct Problem {
   PackedLayout result_layout() const { return {per_group_out, pixels(), pixel_major}; }
 };
 
+// Per output channel affine + ReLU applied by the scatter (the next layer's BN and ReLU);
+// undefined tensors: none, the result is written as it is.
+struct Epilogue {
+  at::Tensor scale, shift;  // [O] in the accumulation dtype, indexed by output channel
+  bool defined() const { return scale.defined(); }
+};
+
 // Kernels of one backend. gather fills the packed operand from `input` (validating the index);
 // scatter writes the packed result into `out` at the shuffled channel positions.
 struct Kernels {
   void (*gather)(const at::Tensor& input, const PlaneStrides& in, const at::Tensor& index, const at::Tensor& scale,
                  const at::Tensor& shift, at::Tensor& operand, const PackedLayout& layout);
-  void (*scatter)(const at::Tensor& result, const PackedLayout& layout, int64_t groups, at::Tensor& out,
-                  const PlaneStrides& out_strides);
+  void (*scatter)(const at::Tensor& result, const PackedLayout& layout, int64_t groups, const Epilogue& epilogue,
+                  at::Tensor& out, const PlaneStrides& out_strides);
 };
 
 inline bool spatial_dims_merge(const at::Tensor& t) {
@@ -150,6 +159,22 @@ inline Problem check_arguments(const at::Tensor& input, const at::Tensor& index,
           pixel_major};
 }
 
+inline Epilogue check_epilogue(const Problem& p, const at::Tensor& input,
+                               const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& out_shift) {
+  TORCH_CHECK(out_scale.has_value() == out_shift.has_value(),
+              "condensed_conv: out_scale and out_shift must be given together");
+  if (!out_scale.has_value()) return {};
+  for (const auto* affine : {&*out_scale, &*out_shift}) {
+    TORCH_CHECK(affine->dim() == 1 && affine->numel() == p.out_channels() && at::isFloatingType(affine->scalar_type()),
+                "condensed_conv: out_scale and out_shift must be floating 1-D tensors of out_channels=",
+                p.out_channels(), " elements, got shape ", affine->sizes());
+    TORCH_CHECK(affine->device() == input.device(), "condensed_conv: out_scale and out_shift must be on the input's "
+                "device ", input.device(), ", got one on ", affine->device());
+  }
+  const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return {out_scale->to(acc_type).contiguous(), out_shift->to(acc_type).contiguous()};
+}
+
 inline void check_output(const Problem& p, const at::Tensor& input, const at::Tensor& out, int64_t out_offset) {
   TORCH_CHECK(out.dim() == 4 && out.size(0) == p.batch && out.size(2) == p.height && out.size(3) == p.width,
               "condensed_conv_into: out must be [", p.batch, ", C, ", p.height, ", ", p.width, "], got ", out.sizes());
@@ -162,8 +187,8 @@ inline void check_output(const Problem& p, const at::Tensor& input, const at::Te
 
 // The whole op: gather + BN + ReLU into the packed operand, one GEMM per group, shuffled scatter.
 inline void run_into(const Kernels& kernels, const Problem& p, const at::Tensor& input_arg, const at::Tensor& index,
-                     const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight, at::Tensor& out,
-                     int64_t out_offset) {
+                     const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
+                     const Epilogue& epilogue, at::Tensor& out, int64_t out_offset) {
   at::Tensor slice = out.narrow(1, out_offset, p.out_channels());
   if (slice.numel() == 0) return;
   const auto format = p.pixel_major ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
@@ -181,25 +206,31 @@ inline void run_into(const Kernels& kernels, const Problem& p, const at::Tensor&
                     : at::bmm(grouped_weight, operand.view({p.groups, p.kept, p.pixels()}));
 
   at::Tensor target = spatial_dims_merge(slice) ? slice : at::empty_like(slice, format);
-  kernels.scatter(result.contiguous(), p.result_layout(), p.groups, target, plane_strides(target));
+  kernels.scatter(result.contiguous(), p.result_layout(), p.groups, epilogue, target, plane_strides(target));
   if (!target.is_same(slice)) slice.copy_(target);
 }
 
+using OptionalTensor = std::optional<at::Tensor>;
+
 inline at::Tensor run(const Kernels& kernels, const at::Tensor& input, const at::Tensor& index,
-                      const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight, int64_t groups) {
+                      const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight, int64_t groups,
+                      const OptionalTensor& out_scale, const OptionalTensor& out_shift) {
   const Problem p = check_arguments(input, index, scale, shift, weight, groups);
+  const Epilogue epilogue = check_epilogue(p, input, out_scale, out_shift);
   const auto format = p.pixel_major ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor out = at::empty({p.batch, p.out_channels(), p.height, p.width}, input.options().memory_format(format));
-  run_into(kernels, p, input, index, scale, shift, weight, out, 0);
+  run_into(kernels, p, input, index, scale, shift, weight, epilogue, out, 0);
   return out;
 }
 
 inline void run_into_checked(const Kernels& kernels, const at::Tensor& input, const at::Tensor& index,
                              const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
-                             int64_t groups, at::Tensor& out, int64_t out_offset) {
+                             int64_t groups, at::Tensor& out, int64_t out_offset, const OptionalTensor& out_scale,
+                             const OptionalTensor& out_shift) {
   const Problem p = check_arguments(input, index, scale, shift, weight, groups);
+  const Epilogue epilogue = check_epilogue(p, input, out_scale, out_shift);
   check_output(p, input, out, out_offset);
-  run_into(kernels, p, input, index, scale, shift, weight, out, out_offset);
+  run_into(kernels, p, input, index, scale, shift, weight, epilogue, out, out_offset);
 }
 
 }  // namespace condense

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "common/bn_math.h"
+#include "cpu/static_flags.h"
 #include "dense_block.h"
 
 namespace dense_ops {
@@ -56,12 +57,6 @@ template <typename Chunk>
 void parallel_over_channels(const Extent& e, const Chunk& chunk) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, e.per_channel()));
   at::parallel_for(0, e.channels, grain, chunk);
-}
-
-// Calls f with std::true_type or std::false_type: a runtime flag as a compile-time constant.
-template <typename F>
-void with_flag(bool flag, const F& f) {
-  if (flag) f(std::true_type{}); else f(std::false_type{});
 }
 
 template <typename acc_t>

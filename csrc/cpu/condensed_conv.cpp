@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "common/condense_math.h"
+#include "cpu/static_flags.h"
 
 namespace dense_ops {
 namespace {
@@ -43,18 +44,20 @@ void gather_cpu(const at::Tensor& input, const PlaneStrides& in, const at::Tenso
     scalar_t* a = operand.data_ptr<scalar_t>();
     const int64_t rows = index.numel(), kept = layout.rows, images = layout.pixels / in.spatial;
     if (!layout.pixel_major) {  // a[row][m]: one gathered channel per task, unit stride over m
-      parallel_chunks(rows, layout.pixels, [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          const acc_t row_scale = sc[row], row_shift = sh[row];
-          scalar_t* dst = a + layout.offset(row / kept, row % kept, 0);
-          for (int64_t n = 0; n < images; ++n) {
-            const scalar_t* src = x + in.offset(idx[row], n * in.spatial);
-            for (int64_t s = 0; s < in.spatial; ++s) {
-              const acc_t value = static_cast<acc_t>(src[s * in.s]);
-              dst[n * in.spatial + s] = static_cast<scalar_t>(condense::folded_bn_relu(value, row_scale, row_shift));
+      with_unit_stride(in.s, [&](auto pixel_stride) {
+        parallel_chunks(rows, layout.pixels, [&](int64_t begin, int64_t end) {
+          for (int64_t row = begin; row < end; ++row) {
+            const acc_t row_scale = sc[row], row_shift = sh[row];
+            scalar_t* __restrict__ dst = a + layout.offset(row / kept, row % kept, 0);
+            for (int64_t n = 0; n < images; ++n) {
+              const scalar_t* __restrict__ src = x + in.offset(idx[row], n * in.spatial);
+              for (int64_t s = 0; s < in.spatial; ++s) {
+                const acc_t value = static_cast<acc_t>(src[s * pixel_stride]);
+                dst[n * in.spatial + s] = static_cast<scalar_t>(condense::folded_bn_relu(value, row_scale, row_shift));
+              }
             }
           }
-        }
+        });
       });
     } else {  // a[g][m][k]: one pixel per task, every gathered channel of it
       parallel_chunks(layout.pixels, rows, [&](int64_t begin, int64_t end) {
@@ -74,49 +77,75 @@ void gather_cpu(const at::Tensor& input, const PlaneStrides& in, const at::Tenso
   });
 }
 
-void scatter_cpu(const at::Tensor& result, const PackedLayout& layout, int64_t groups, at::Tensor& out,
-                 const PlaneStrides& out_strides) {
+// The scatter's store: the result as it is, or relu(r * scale + shift) of its output channel.
+template <bool kEpilogue, typename scalar_t, typename acc_t>
+inline scalar_t output_value(scalar_t r, acc_t scale, acc_t shift) {
+  if (!kEpilogue) return r;
+  return static_cast<scalar_t>(condense::folded_bn_relu(static_cast<acc_t>(r), scale, shift));
+}
+
+void scatter_cpu(const at::Tensor& result, const PackedLayout& layout, int64_t groups,
+                 const condense::Epilogue& epilogue, at::Tensor& out, const PlaneStrides& out_strides) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, result.scalar_type(), "condensed_conv_scatter", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* r = result.const_data_ptr<scalar_t>();
     scalar_t* y = out.data_ptr<scalar_t>();
+    const acc_t* out_scale = epilogue.defined() ? epilogue.scale.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* out_shift = epilogue.defined() ? epilogue.shift.const_data_ptr<acc_t>() : nullptr;
     const int64_t per_group = layout.rows, channels = groups * per_group;
     const int64_t spatial = out_strides.spatial, images = layout.pixels / spatial;
-    if (!layout.pixel_major) {  // one output channel per task
-      parallel_chunks(channels, layout.pixels, [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t group = row / per_group, j = row % per_group;
-          const scalar_t* src = r + layout.offset(group, j, 0);
-          const int64_t channel = condense::shuffled_channel(group, j, groups);
-          for (int64_t n = 0; n < images; ++n) {
-            scalar_t* dst = y + out_strides.offset(channel, n * spatial);
-            for (int64_t s = 0; s < spatial; ++s) dst[s * out_strides.s] = src[n * spatial + s];
+    with_flag(epilogue.defined(), [&](auto epilogue_flag) {
+      constexpr bool kEpilogue = decltype(epilogue_flag)::value;
+      if (!layout.pixel_major) {  // one output channel per task
+        with_unit_stride(out_strides.s, [&](auto pixel_stride) {
+          parallel_chunks(channels, layout.pixels, [&](int64_t begin, int64_t end) {
+            for (int64_t row = begin; row < end; ++row) {
+              const int64_t group = row / per_group, j = row % per_group;
+              const scalar_t* __restrict__ src = r + layout.offset(group, j, 0);
+              const int64_t channel = condense::shuffled_channel(group, j, groups);
+              const acc_t scale = kEpilogue ? out_scale[channel] : acc_t(1);
+              const acc_t shift = kEpilogue ? out_shift[channel] : acc_t(0);
+              for (int64_t n = 0; n < images; ++n) {
+                scalar_t* __restrict__ dst = y + out_strides.offset(channel, n * spatial);
+                for (int64_t s = 0; s < spatial; ++s)
+                  dst[s * pixel_stride] = output_value<kEpilogue>(src[n * spatial + s], scale, shift);
+              }
+            }
+          });
+        });
+      } else {  // one pixel per task, its output channels in order
+        parallel_chunks(layout.pixels, channels, [&](int64_t begin, int64_t end) {
+          for (int64_t m = begin; m < end; ++m) {
+            scalar_t* dst = y + out_strides.offset(0, m);
+            for (int64_t j = 0; j < per_group; ++j) {
+              for (int64_t group = 0; group < groups; ++group) {
+                const int64_t channel = condense::shuffled_channel(group, j, groups);
+                dst[channel * out_strides.c] = output_value<kEpilogue>(
+                    r[layout.offset(group, j, m)], kEpilogue ? out_scale[channel] : acc_t(1),
+                    kEpilogue ? out_shift[channel] : acc_t(0));
+              }
+            }
           }
-        }
-      });
-    } else {  // one pixel per task, its output channels in order
-      parallel_chunks(layout.pixels, channels, [&](int64_t begin, int64_t end) {
-        for (int64_t m = begin; m < end; ++m) {
-          scalar_t* dst = y + out_strides.offset(0, m);
-          for (int64_t j = 0; j < per_group; ++j)
-            for (int64_t group = 0; group < groups; ++group)
-              dst[condense::shuffled_channel(group, j, groups) * out_strides.c] = r[layout.offset(group, j, m)];
-        }
-      });
-    }
+        });
+      }
+    });
   });
 }
 
 const condense::Kernels kCpuKernels{&gather_cpu, &scatter_cpu};
 
 at::Tensor condensed_conv_cpu(const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
-                              const at::Tensor& shift, const at::Tensor& weight, int64_t groups) {
-  return condense::run(kCpuKernels, input, index, scale, shift, weight, groups);
+                              const at::Tensor& shift, const at::Tensor& weight, int64_t groups,
+                              const condense::OptionalTensor& out_scale, const condense::OptionalTensor& out_shift) {
+  return condense::run(kCpuKernels, input, index, scale, shift, weight, groups, out_scale, out_shift);
 }
 
 void condensed_conv_into_cpu(const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
                              const at::Tensor& shift, const at::Tensor& weight, int64_t groups, at::Tensor out,
-                             int64_t out_offset) {
-  condense::run_into_checked(kCpuKernels, input, index, scale, shift, weight, groups, out, out_offset);
+                             int64_t out_offset, const condense::OptionalTensor& out_scale,
+                             const condense::OptionalTensor& out_shift) {
+  condense::run_into_checked(kCpuKernels, input, index, scale, shift, weight, groups, out, out_offset, out_scale,
+                             out_shift);
 }
 
 }  // namespace

@@ -45,14 +45,22 @@ __global__ void gather_kernel(const scalar_t* __restrict__ x, PlaneStrides in, i
   }
 }
 
-// Walks the packed result in memory order and writes each value to its shuffled channel.
-template <typename scalar_t>
+// Walks the packed result in memory order and writes each value to its shuffled channel, as it
+// is or, with out_scale (the epilogue), as relu(value * out_scale + out_shift) of that channel.
+template <typename scalar_t, typename acc_t>
 __global__ void scatter_kernel(const scalar_t* __restrict__ result, PackedLayout layout, int64_t groups,
+                               const acc_t* __restrict__ out_scale, const acc_t* __restrict__ out_shift,
                                scalar_t* __restrict__ out, PlaneStrides out_strides, int64_t total) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     int64_t group, j, m;
     layout.locate(i, group, j, m);
-    out[out_strides.offset(condense::shuffled_channel(group, j, groups), m)] = result[i];
+    const int64_t channel = condense::shuffled_channel(group, j, groups);
+    scalar_t value = result[i];
+    if (out_scale != nullptr) {
+      value = static_cast<scalar_t>(
+          condense::folded_bn_relu(static_cast<acc_t>(value), out_scale[channel], out_shift[channel]));
+    }
+    out[out_strides.offset(channel, m)] = value;
   }
 }
 
@@ -71,15 +79,19 @@ void gather_cuda(const at::Tensor& input, const PlaneStrides& in, const at::Tens
   });
 }
 
-void scatter_cuda(const at::Tensor& result, const PackedLayout& layout, int64_t groups, at::Tensor& out,
-                  const PlaneStrides& out_strides) {
+void scatter_cuda(const at::Tensor& result, const PackedLayout& layout, int64_t groups,
+                  const condense::Epilogue& epilogue, at::Tensor& out, const PlaneStrides& out_strides) {
   const int64_t total = result.numel();
   if (total == 0) return;
   const c10::cuda::CUDAGuard guard(result.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, result.scalar_type(), "condensed_conv_scatter_cuda", [&] {
-    scatter_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-        result.const_data_ptr<scalar_t>(), layout, groups, out.data_ptr<scalar_t>(), out_strides, total);
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* out_scale = epilogue.defined() ? epilogue.scale.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* out_shift = epilogue.defined() ? epilogue.shift.const_data_ptr<acc_t>() : nullptr;
+    scatter_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        result.const_data_ptr<scalar_t>(), layout, groups, out_scale, out_shift, out.data_ptr<scalar_t>(),
+        out_strides, total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -88,18 +100,21 @@ const condense::Kernels kCudaKernels{&gather_cuda, &scatter_cuda};
 
 // Index range: checked on the device (CUDA_KERNEL_ASSERT in the gather), so no host sync per call.
 at::Tensor condensed_conv_cuda(const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
-                               const at::Tensor& shift, const at::Tensor& weight, int64_t groups) {
+                               const at::Tensor& shift, const at::Tensor& weight, int64_t groups,
+                               const condense::OptionalTensor& out_scale, const condense::OptionalTensor& out_shift) {
   TORCH_CHECK(input.is_cuda(), "condensed_conv: expected a CUDA input, got one on ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
-  return condense::run(kCudaKernels, input, index, scale, shift, weight, groups);
+  return condense::run(kCudaKernels, input, index, scale, shift, weight, groups, out_scale, out_shift);
 }
 
 void condensed_conv_into_cuda(const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
                               const at::Tensor& shift, const at::Tensor& weight, int64_t groups, at::Tensor out,
-                              int64_t out_offset) {
+                              int64_t out_offset, const condense::OptionalTensor& out_scale,
+                              const condense::OptionalTensor& out_shift) {
   TORCH_CHECK(input.is_cuda(), "condensed_conv_into: expected a CUDA input, got one on ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
-  condense::run_into_checked(kCudaKernels, input, index, scale, shift, weight, groups, out, out_offset);
+  condense::run_into_checked(kCudaKernels, input, index, scale, shift, weight, groups, out, out_offset, out_scale,
+                             out_shift);
 }
 
 }  // namespace
