@@ -138,9 +138,10 @@ class Workload:
             output.backward(target)
 
     def step(self) -> None:
-        """Training: forward + backward + SGD step (gradients freed after); inference: a no-grad forward."""
+        """Training: forward + backward + SGD step (gradients freed after); inference: a forward under
+        torch.inference_mode(), as deployed models run."""
         if not self.training:
-            with torch.no_grad():
+            with torch.inference_mode():
                 self.model(self.input)
             return
         self.backward(self.model(self.input))

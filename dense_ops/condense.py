@@ -7,7 +7,8 @@ progress)`` prunes each group's input channels in C-1 stages during the first ha
 
 Inference: ``condense(model)`` turns every LearnedGroupConv into a ``CondensedConv`` (one fused
 op: gather the kept channels, BN + ReLU, grouped 1x1 GEMM, channel shuffle folded into the output
-addresses) and optionally prunes the classifier into a ``CondensedLinear``.
+addresses, optionally the next BN + ReLU on the way out) and optionally prunes the classifier into
+a ``CondensedLinear``.
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@
 //   1. gather:  a[g, k, m] = relu(x[n, index[g*K + k], s] * scale[g*K + k] + shift[g*K + k]),
 //               with m = n*S + s running over the N*S pixels (S = H*W);
 //   2. GEMM:    r[g, j, m] = sum_k weight[g*D + j, k] * a[g, k, m]   (one GEMM per group);
-//   3. scatter: out[n, shuffled_channel(g, j), s] = r[g, j, m].
+//   3. scatter: out[n, c, s] = r[g, j, m] with c = shuffled_channel(g, j), or, with an epilogue
+//               (the next layer's eval-mode BN and ReLU), relu(r[g, j, m] * out_scale[c] + out_shift[c]).
 // The channel shuffle that follows the grouped convolution of the paper (conv channel g*D + j
 // moves to j*G + g) is folded into step 3's addresses, so it never runs as a separate pass.
 //
@@ -101,6 +102,8 @@ struct Problem {
   PackedLayout result_layout() const { return {per_group_out, pixels(), pixel_major}; }
 };
 
+using OptionalTensor = std::optional<at::Tensor>;
+
 // Per output channel affine + ReLU applied by the scatter (the next layer's BN and ReLU);
 // undefined tensors: none, the result is written as it is.
 struct Epilogue {
@@ -159,8 +162,8 @@ inline Problem check_arguments(const at::Tensor& input, const at::Tensor& index,
           pixel_major};
 }
 
-inline Epilogue check_epilogue(const Problem& p, const at::Tensor& input,
-                               const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& out_shift) {
+inline Epilogue check_epilogue(const Problem& p, const at::Tensor& input, const OptionalTensor& out_scale,
+                               const OptionalTensor& out_shift) {
   TORCH_CHECK(out_scale.has_value() == out_shift.has_value(),
               "condensed_conv: out_scale and out_shift must be given together");
   if (!out_scale.has_value()) return {};
@@ -209,8 +212,6 @@ inline void run_into(const Kernels& kernels, const Problem& p, const at::Tensor&
   kernels.scatter(result.contiguous(), p.result_layout(), p.groups, epilogue, target, plane_strides(target));
   if (!target.is_same(slice)) slice.copy_(target);
 }
-
-using OptionalTensor = std::optional<at::Tensor>;
 
 inline at::Tensor run(const Kernels& kernels, const at::Tensor& input, const at::Tensor& index,
                       const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight, int64_t groups,
