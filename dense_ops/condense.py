@@ -152,9 +152,12 @@ def group_lasso_loss(model: nn.Module) -> torch.Tensor:
 
 
 def fold_batch_norm(norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """An eval-mode BN as one affine map per channel: norm(x) = x * scale + shift."""
-    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
-    return scale, norm.bias - norm.running_mean * scale
+    """An eval-mode BN with running statistics as one affine map per channel: norm(x) = x * scale + shift."""
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:  # affine=False: weight 1, bias 0
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    return scale, shift if norm.bias is None else shift + norm.bias
 
 
 class CondensedConv(nn.Module):
@@ -216,7 +219,7 @@ class CondensedConv(nn.Module):
         """relu(norm(self(x))) for the BatchNorm2d that follows this layer: in eval mode without
         autograd, the norm's affine and the ReLU are applied by the op as it writes its output."""
         self._check_input(x)
-        if self._needs_reference(x, norm):
+        if self._needs_reference(x, norm) or norm.running_mean is None:  # no running stats: nothing to fold
             return F.relu(norm(self(x)))
         scale, shift = self.folded_norm()
         return ops.condensed_conv(x, self.index, scale, shift, self.weight, self.groups, *fold_batch_norm(norm))

@@ -89,6 +89,12 @@ def test_condensed_conv_applies_the_next_batch_norm_and_relu(device, channels_la
     for result in (actual, buffer[:, 5:13], module_output):
         torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
     assert buffer[:, :5].eq(0).all() and buffer[:, 13:].eq(0).all()
+    without_affine = nn.BatchNorm2d(8, affine=False)
+    without_affine.running_mean.uniform_(-0.5, 0.5)
+    for plain in (without_affine, nn.BatchNorm2d(8, track_running_stats=False)):
+        plain = plain.to(device, torch.float64).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(layer.forward_bn_relu(x, plain), torch.relu(plain(layer(x))))
 
 
 def test_condensed_conv_half_precision_accumulates_in_float():
