@@ -35,13 +35,17 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 
 def dense_block(input: torch.Tensor, layer_params: Sequence[torch.Tensor], *, bottleneck: bool, training: bool,
                 momentum: Sequence[float] = (), eps: float = 1e-5, drop_rate: float = 0.0,
-                recompute: str = "bn_relu", sync_group: str | None = None) -> torch.Tensor:
+                recompute: str = "bn_relu", sync_group: str | None = None,
+                dropout_training: bool | None = None) -> torch.Tensor:
     """Runs a dense block; returns [N, C0 + L*k, H, W].
 
     layer_params holds, per layer, norm1.{weight, bias, running_mean, running_var},
     conv1.weight and, with a bottleneck, the same for norm2/conv2 (see ops.PARAM_NAMES).
     In training, batch statistics normalize and the running statistics are updated in
     place with `momentum` (one factor per batch norm: all BN1 of the block, then all BN2).
+    Dropout (`drop_rate`, after each layer) is active when `dropout_training`, by default
+    when `training`: a model in training mode whose batch norms are frozen in eval mode
+    passes training=False, dropout_training=True.
     With `sync_group` (the name of a torch.distributed process group), training statistics
     are taken over the batches of every rank of that group.
     """
@@ -65,7 +69,7 @@ def dense_block(input: torch.Tensor, layer_params: Sequence[torch.Tensor], *, bo
         params = [p.to(low_precision) if p.dim() == 4 else p for p in params]
 
     dropout_mask = None
-    if training and drop_rate > 0:
+    if (training if dropout_training is None else dropout_training) and drop_rate > 0:
         n, _, h, w = input.shape
         growth = params[-1].shape[0]
         keep = 1.0 - drop_rate

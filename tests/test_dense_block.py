@@ -209,3 +209,49 @@ def test_cuda_matches_naive(recompute, training):
     naive, ours = block_pair(num_layers=4, in_channels=5, growth=3, device="cuda", recompute=recompute)
     naive.train(training), ours.train(training)
     compare(naive, ours, torch.randn(3, 5, 6, 7, dtype=torch.float64, device="cuda"), F64)
+
+
+@pytest.mark.parametrize("drop_rate", [0.0, 0.5])
+def test_frozen_batch_norms_in_a_training_block_use_running_statistics(drop_rate):
+    # Fine-tuning with model.train() and every BN put back in eval(): the BNs normalize with, and
+    # keep, their running statistics, while dropout stays active, as torchvision's block does.
+    naive, ours = block_pair(drop_rate=drop_rate)
+    for block in (naive, ours):
+        block.train()
+        for m in block.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()
+    x = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+    if drop_rate == 0:
+        compare(naive, ours, x, F64)
+        return
+    out = ours(x)[:, 6:]
+    with torch.no_grad():
+        expected = naive.eval()(x)[:, 6:]  # the same BNs without dropout
+    dropped = out == 0
+    assert 0.3 < dropped.double().mean().item() < 0.7
+    # Every layer after the first also reads dropped channels, so only the first layer's
+    # surviving outputs equal the undropped ones exactly (scaled).
+    first = slice(0, 4)
+    torch.testing.assert_close(out[:, first][~dropped[:, first]], expected[:, first][~dropped[:, first]] * 2, **F64)
+    assert_close_dicts(dict(ours.named_buffers()), dict(naive.named_buffers()), atol=0)
+
+
+def test_mixed_batch_norm_modes_run_module_by_module():
+    naive, ours = block_pair(num_layers=3)
+    for block in (naive, ours):
+        block.denselayer2.norm1.eval()  # only this one BN frozen
+    compare(naive, ours, torch.randn(3, 6, 4, 4, dtype=torch.float64), F64)
+
+
+def test_hooks_fire_and_see_what_torchvision_shows_them():
+    naive, ours = block_pair(num_layers=2)
+    seen = {}
+    for name, block in (("naive", naive), ("ours", ours)):
+        seen[name] = []
+        block.denselayer1.norm2.register_forward_hook(lambda m, i, o, log=seen[name]: log.append(o.detach().clone()))
+        block.denselayer2.register_forward_hook(lambda m, i, o, log=seen[name]: log.append(o.detach().clone()))
+    compare(naive, ours, torch.randn(2, 6, 4, 4, dtype=torch.float64), F64)
+    assert len(seen["ours"]) == len(seen["naive"]) == 2
+    for got, expected in zip(seen["ours"], seen["naive"]):
+        torch.testing.assert_close(got, expected, **F64)

@@ -21,6 +21,7 @@ from torch import nn
 from torch._prims_common import suggest_memory_format
 
 from ..condense import CondensedConv, LearnedGroupConv
+from ..nn.dense import has_hooks
 
 BOTTLENECK = 4
 # CPU inference runs a grouped 3x3 conv with at most this many input channels per group as one dense
@@ -51,13 +52,6 @@ class GroupConv2d(nn.Conv2d):
                         self.dilation)
 
 
-def _has_forward_hooks(*modules: nn.Module) -> bool:
-    """Whether calling the modules one by one would run forward hooks (a fused path would skip them)."""
-    from torch.nn.modules import module as torch_module
-    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks) or any(
-        m._forward_hooks or m._forward_pre_hooks for m in modules)
-
-
 class CondenseLayer(nn.Module):
     """conv_1: LearnedGroupConv 1x1 (in -> 4k); conv_2: BN-ReLU-Conv3x3 (4k -> k) with `groups` groups."""
 
@@ -78,8 +72,7 @@ class CondenseLayer(nn.Module):
     def inference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """forward() without autograd: a condensed conv_1 applies conv_2's BN and ReLU as it writes
         its output, and a thin-group 3x3 conv on CPU runs as a dense one."""
-        if isinstance(self.conv_1, CondensedConv) and not _has_forward_hooks(self.conv_1, self.conv_2.norm,
-                                                                              self.conv_2.relu):
+        if isinstance(self.conv_1, CondensedConv) and not has_hooks(self.conv_1, self.conv_2.norm, self.conv_2.relu):
             z = self.conv_1.forward_bn_relu(x, self.conv_2.norm)
         else:
             z = self.conv_2.relu(self.conv_2.norm(self.conv_1(x)))

@@ -31,14 +31,35 @@ def _momentum_factors(norms: list[nn.BatchNorm2d]) -> list[float]:
     return [1.0 / float(bn.num_batches_tracked + 1) if bn.momentum is None else bn.momentum for bn in norms]
 
 
-def _check_norms(norms: list[nn.BatchNorm2d]) -> float:
-    eps = norms[0].eps
-    for bn in norms:
-        if not (bn.affine and bn.track_running_stats):
-            raise ValueError("dense_ops blocks need BatchNorm2d layers with affine=True and track_running_stats=True")
-        if bn.eps != eps:
-            raise ValueError(f"all batch norms of a dense block must share one eps, got {bn.eps} and {eps}")
-    return eps
+def has_hooks(*modules: nn.Module) -> bool:
+    """Whether calling the modules one by one would run hooks (global or their own, forward or
+    backward), which a fused op would skip."""
+    from torch.nn.modules import module as torch_module
+    global_hooks = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks,
+                    torch_module._global_backward_hooks, torch_module._global_backward_pre_hooks)
+    return any(global_hooks) or any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                                    or m._backward_pre_hooks for m in modules)
+
+
+def _norms_of(layers: list[nn.Module]) -> list[nn.BatchNorm2d]:
+    return [norm for layer in layers for norm in _norms(layer)]
+
+
+def _fused_modes(layers: list[nn.Module]) -> tuple[bool, bool] | None:
+    """(batch-norm training, dropout training) when the layers can run as one block op, or None
+    when they must run module by module for the op to mean the same: their batch norms, or the
+    layers themselves, disagree on train/eval mode (a BN frozen with .eval() in a training model
+    uses its running statistics), the drop rates differ, a norm lacks affine parameters or
+    running statistics or has another eps, or hooks are registered on their submodules."""
+    norms = _norms_of(layers)
+    norm_modes, layer_modes = {bn.training for bn in norms}, {layer.training for layer in layers}
+    if len(norm_modes) > 1 or len(layer_modes) > 1 or len({layer.drop_rate for layer in layers}) > 1:
+        return None
+    if any(not (bn.affine and bn.track_running_stats) or bn.eps != norms[0].eps for bn in norms):
+        return None
+    if has_hooks(*(m for layer in layers for m in layer.children())):
+        return None
+    return norm_modes.pop(), layer_modes.pop()
 
 
 def sync_group_name(module: nn.Module) -> str | None:
@@ -51,20 +72,26 @@ def sync_group_name(module: nn.Module) -> str | None:
     return group.group_name if dist.get_world_size(group) > 1 else None
 
 
-def run_layers(layers: list[nn.Module], x: torch.Tensor, training: bool, recompute: str,
-               sync_group: str | None = None) -> torch.Tensor:
-    """Runs consecutive dense layers (DenseLayer or torchvision-compatible) as one block op."""
-    bottleneck = layers[0].bottleneck
-    norms1 = [l.norm1 for l in layers]
-    norms2 = [l.norm2 for l in layers] if bottleneck else []
-    eps = _check_norms(norms1 + norms2)
-    momentum = _momentum_factors(norms1 + norms2) if training else []
+def run_layers(layers: list[nn.Module], x: torch.Tensor, recompute: str, sync_group: str | None = None
+               ) -> torch.Tensor | None:
+    """Runs consecutive dense layers (DenseLayer or torchvision-compatible) as one block op;
+    returns None when they cannot run as one (see _fused_modes) and must run module by module."""
+    modes = _fused_modes(layers)
+    if modes is None:
+        if sync_group is not None:
+            raise ValueError("dense_ops: a synchronized dense block must run as one op, but its layers disagree "
+                             "on train/eval mode or drop_rate, or have hooks")
+        return None
+    bn_training, dropout_training = modes
+    norms = _norms_of(layers)
     params = [t for layer in layers for t in _layer_params(layer)]
-    features = functional.dense_block(x, params, bottleneck=bottleneck, training=training, momentum=momentum,
-                                      eps=eps, drop_rate=layers[0].drop_rate, recompute=recompute,
-                                      sync_group=sync_group if training else None)
-    if training:  # counted once the step succeeded: a rejected input leaves the block untouched
-        for bn in norms1 + norms2:
+    features = functional.dense_block(
+        x, params, bottleneck=layers[0].bottleneck, training=bn_training,
+        momentum=_momentum_factors(norms) if bn_training else [], eps=norms[0].eps,
+        drop_rate=layers[0].drop_rate, dropout_training=dropout_training, recompute=recompute,
+        sync_group=sync_group if bn_training else None)
+    if bn_training:  # counted once the step succeeded: a rejected input leaves the block untouched
+        for bn in norms:
             bn.num_batches_tracked.add_(1)
     return features
 
@@ -88,7 +115,9 @@ class DenseLayer(reference.DenseLayer):
 
     def forward(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         x = torch.cat(inputs, 1) if isinstance(inputs, (list, tuple)) else inputs
-        features = run_layers([self], x, self.training, "bn_relu", sync_group_name(self))
+        features = run_layers([self], x, "bn_relu", sync_group_name(self))
+        if features is None:
+            return super().forward(x)
         return features[:, x.shape[1]:]
 
 
@@ -114,7 +143,14 @@ class DenseBlock(nn.ModuleDict):
                                                              bn_size, drop_rate))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_layers(list(self.values()), x, self.training, self.recompute, sync_group_name(self))
+        layers = list(self.values())
+        features = None if has_hooks(*layers) else run_layers(layers, x, self.recompute, sync_group_name(self))
+        if features is None:  # module by module, as torchvision's block runs
+            outputs = [x]
+            for layer in layers:
+                outputs.append(layer(outputs))
+            features = torch.cat(outputs, 1)
+        return features
 
     def extra_repr(self) -> str:
         return f"recompute={self.recompute!r}" + (", sync_batchnorm=True" if self.sync_batchnorm else "")
