@@ -80,7 +80,7 @@ def test_wrong_rank():
 @pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, torch.bool])
 def test_unsupported_dtype(dtype):
     _, block = block_pair()
-    with pytest.raises(TypeError, match="input must be float32"):
+    with pytest.raises(ValueError, match="input must be float32"):
         block(torch.zeros(2, 6, 4, 4, dtype=dtype))
 
 
@@ -104,9 +104,27 @@ def test_non_positive_sizes(args, name):
 
 
 def test_drop_rate_out_of_range():
-    _, block = block_pair(drop_rate=1.5)
     with pytest.raises(ValueError, match="drop_rate"):
+        dense_ops.DenseBlock(2, 6, 2, 4, drop_rate=1.5)
+    _, block = block_pair()
+    params = [t for layer in block.values() for t in dense_ops.nn.dense._layer_params(layer)]
+    with pytest.raises(ValueError, match="drop_rate"):
+        dense_ops.functional.dense_block(torch.randn(2, 6, 4, 4, dtype=torch.float64), params, bottleneck=True,
+                                         training=True, momentum=[0.1] * 4, drop_rate=-0.1)
+
+
+def test_parameter_on_another_device():
+    _, block = block_pair()
+    block.denselayer2.norm2.weight = torch.nn.Parameter(torch.ones(8, dtype=torch.float64, device="meta"))
+    with pytest.raises(ValueError, match=r"layer 1 norm2.weight\) is on meta, but the input is on cpu"):
         block(torch.randn(2, 6, 4, 4, dtype=torch.float64))
+
+
+def test_meta_tensors_give_shapes_like_torchvision():
+    with torch.device("meta"):
+        block = dense_ops.DenseBlock(3, 6, 2, 4)
+        out = block(torch.empty(2, 6, 5, 5))
+    assert out.device.type == "meta" and out.shape == (2, 6 + 3 * 4, 5, 5)
 
 
 def test_op_checks_in_cpp():

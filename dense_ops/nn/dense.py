@@ -5,6 +5,8 @@ load both ways with strict=True; the block runs as one compiled op over a shared
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -13,7 +15,7 @@ from .. import functional, ops, reference
 
 
 def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -109,6 +111,8 @@ class DenseLayer(reference.DenseLayer):
         _check_positive("growth_rate", growth_rate)
         if bn_size is not None and bn_size != 0:
             _check_positive("bn_size", bn_size)
+        if not 0.0 <= drop_rate <= 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1], got {drop_rate!r}")
         super().__init__(num_input_features, growth_rate, bn_size, drop_rate)
         self.memory_efficient = memory_efficient
         self.sync_batchnorm, self.process_group = False, None  # see dense_ops.convert_sync_batchnorm
