@@ -1,11 +1,13 @@
 """CondenseNet: learned group convolution, condensation schedule, conversion, the fused
 condensed_conv op against the step-by-step reference, and the paper's FLOP/parameter counts."""
+import collections
 import copy
 import io
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dense_ops
 from dense_ops import CondensedConv, CondensedLinear, LearnedGroupConv, condense, group_lasso_loss, reference
@@ -29,6 +31,18 @@ def condensed_layer(in_channels=12, out_channels=8, groups=4, kept=2, dtype=torc
 def op_args(layer: CondensedConv):
     scale, shift = layer.folded_norm()
     return layer.index, scale.detach(), shift.detach(), layer.weight.detach(), layer.groups
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the operators that run, by name (e.g. "dense_ops::condensed_conv", "aten::cat")."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func._schema.name] += 1  # without the overload
+        return func(*args, **(kwargs or {}))
 
 
 # ----------------------------------------------------------------------------- the fused op
@@ -256,6 +270,105 @@ def test_condensation_state_survives_save_load_and_copy():
     copied = copy.deepcopy(model)
     dense_ops.update_condensation(copied, 1.0)  # the copy condenses; the original does not change
     assert learned_group_convs(model)[0]._host_stage == 1
+
+
+def copy_in_place(target: nn.Module, source: nn.Module) -> None:
+    """What DDP's buffer broadcast, an EMA copy or `buf.copy_` do: no load_state_dict involved."""
+    with torch.no_grad():
+        for a, b in zip(list(target.parameters()) + list(target.buffers()),
+                        list(source.parameters()) + list(source.buffers())):
+            a.copy_(b)
+
+
+@pytest.mark.parametrize("progress", [0.4, 1.0])
+def test_condensation_continues_from_buffers_copied_in_place(progress):
+    original = LearnedGroupConv(16, 8, 4, 4)  # 4 inputs dropped per stage
+    dense_ops.update_condensation(original, 0.4)  # stage 2: 8 inputs kept per group
+    fresh = LearnedGroupConv(16, 8, 4, 4)
+    copy_in_place(fresh, original)
+    dense_ops.update_condensation(fresh, progress)
+    dense_ops.update_condensation(original, progress)
+    stage = condensation_stage(progress, 4)
+    assert torch.equal(fresh.mask, original.mask)
+    assert torch.all(fresh.kept_inputs().sum(1) == 16 - 4 * stage)
+    assert int(fresh.stage) == fresh._host_stage == stage
+
+
+def test_condensation_follows_buffers_rewound_in_place():
+    checkpoint = LearnedGroupConv(16, 8, 4, 4)
+    dense_ops.update_condensation(checkpoint, 0.2)  # stage 1: 12 inputs kept per group
+    layer = copy.deepcopy(checkpoint)
+    dense_ops.update_condensation(layer, 1.0)  # trained on to the end ...
+    copy_in_place(layer, checkpoint)  # ... then restarted from the stage-1 checkpoint
+    dense_ops.update_condensation(layer, 0.2)
+    assert layer.kept_per_group == 12 and not layer.fully_condensed
+    dense_ops.update_condensation(layer, 0.4)  # condensation goes on from the restored stage
+    assert torch.all(layer.kept_inputs().sum(1) == 8) and int(layer.stage) == 2
+
+
+def test_condensation_refuses_inconsistent_buffers():
+    condensed = LearnedGroupConv(16, 8, 4, 4)
+    dense_ops.update_condensation(condensed, 1.0)
+    layer = LearnedGroupConv(16, 8, 4, 4)
+    with torch.no_grad():
+        layer.mask.copy_(condensed.mask)  # the mask of stage 3 without its stage
+    with pytest.raises(RuntimeError, match=r"fewer than in_channels // condense_factor = 4"):
+        dense_ops.update_condensation(layer, 0.2)
+    with torch.no_grad():
+        layer.stage.fill_(4)
+    with pytest.raises(RuntimeError, match="the stage buffer holds 4, expected 0 to 3"):
+        dense_ops.update_condensation(layer, 0.4)
+
+
+def test_update_condensation_touches_the_device_only_when_the_stage_changes():
+    model = condensenet_cifar(depth=8, growth_rates=(4, 4, 4), num_classes=3)
+    layers = len(learned_group_convs(model))
+    dense_ops.update_condensation(model, 0.0)
+    with CountOps() as counts:
+        for step in range(1, 10):
+            dense_ops.update_condensation(model, step / 100)  # still stage 0
+    assert not counts.calls  # no stage write, no device sync
+    with CountOps() as counts:
+        dense_ops.update_condensation(model, 0.2)  # enters stage 1
+    assert counts.calls["aten::_local_scalar_dense"] == 2 * layers  # reads the stage back, checks the mask
+    assert counts.calls["aten::fill_"] == layers
+
+
+def train_condensing(model, steps, total):
+    """Plain SGD steps `steps` of a `total`-step run, condensing as the paper's schedule says."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 8, 8, generator=generator), torch.randint(0, 3, (4,), generator=generator))
+               for _ in range(total)]
+    for step in steps:
+        dense_ops.update_condensation(model, step / total)
+        x, y = batches[step]
+        loss = nn.functional.cross_entropy(model(x), y) + 1e-3 * group_lasso_loss(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("resume", ["deepcopy", "load_state_dict", "copy_in_place"])
+def test_condensation_resumed_mid_training_matches_uninterrupted(resume):
+    total = 12  # C = 4: stages 1, 2, 3 start at steps 2, 4, 6
+    model = condensenet_cifar(depth=8, growth_rates=(4, 4, 4), num_classes=3)
+    train_condensing(model, range(3), total)  # stops in stage 1
+    if resume == "deepcopy":
+        resumed = copy.deepcopy(model)
+    else:
+        resumed = condensenet_cifar(depth=8, growth_rates=(4, 4, 4), num_classes=3)
+        if resume == "load_state_dict":
+            resumed.load_state_dict(model.state_dict())
+        else:
+            copy_in_place(resumed, model)
+    train_condensing(model, range(3, total), total)
+    train_condensing(resumed, range(3, total), total)
+    for a, b in zip(learned_group_convs(model), learned_group_convs(resumed)):
+        assert torch.equal(a.mask, b.mask) and int(b.stage) == 3
+        assert torch.all(b.kept_inputs().sum(1) == b.in_channels // 4)
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
 # -------------------------------------------------------------------------- condense / models
