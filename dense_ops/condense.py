@@ -27,6 +27,13 @@ def _check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def needs_grad(x: torch.Tensor, *modules: nn.Module) -> bool:
+    """Whether autograd records a call on `x` through `modules`: grad mode is on and the input or a
+    parameter requires grad. The inference-only fast paths run whenever it does not."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(
+        p.requires_grad for m in modules for p in m.parameters()))
+
+
 def condensation_stage(progress: float, condense_factor: int) -> int:
     """The stage at a training progress in [0, 1]: the first i < C-1 with 2*progress < (i+1)/(C-1), else C-1."""
     for stage in range(condense_factor - 1):
@@ -237,16 +244,15 @@ class CondensedConv(nn.Module):
 
     def _needs_reference(self, x: torch.Tensor, *modules: nn.Module) -> bool:
         modules = (self, *modules)
-        return any(m.training for m in modules) or (torch.is_grad_enabled() and (x.requires_grad or any(
-            p.requires_grad for m in modules for p in m.parameters())))
+        return any(m.training for m in modules) or needs_grad(x, *modules)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"CondensedConv: expected input [N, {self.in_channels}, H, W], got {tuple(x.shape)}")
 
     def forward_bn_relu(self, x: torch.Tensor, norm: nn.BatchNorm2d) -> torch.Tensor:
-        """relu(norm(self(x))) for the BatchNorm2d that follows this layer: in eval mode without
-        autograd, the norm's affine and the ReLU are applied by the op as it writes its output."""
+        """relu(norm(self(x))) for the BatchNorm2d that follows this layer: in eval mode, when no
+        gradient is needed, the norm's affine and the ReLU are applied by the op as it writes its output."""
         self._check_input(x)
         if self._needs_reference(x, norm) or norm.running_mean is None:  # no running stats: nothing to fold
             return F.relu(norm(self(x)))
@@ -318,7 +324,11 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
 def condense(model: nn.Module, prune_classifier: bool = True) -> nn.Module:
     """A new inference model (eval mode; `model` is untouched): every LearnedGroupConv becomes a
     CondensedConv and, with `prune_classifier`, the last nn.Linear becomes a CondensedLinear keeping
-    half of its inputs. Without classifier pruning the outputs equal `model`'s in eval mode."""
+    half of its inputs. Without classifier pruning the outputs equal `model`'s in eval mode.
+
+    Its parameters do not require grad (``requires_grad_(False)``), so calling it takes the fused
+    path with or without ``torch.no_grad()``; an input that requires grad, or parameters set back
+    to ``requires_grad_(True)`` (fine-tuning), run the differentiable reference path instead."""
     new = copy.deepcopy(model)
     for name, module in list(new.named_modules()):
         if isinstance(module, LearnedGroupConv):
@@ -328,4 +338,4 @@ def condense(model: nn.Module, prune_classifier: bool = True) -> nn.Module:
         if not linears:
             raise ValueError("condense(prune_classifier=True): the model has no nn.Linear classifier")
         new = _replace(new, linears[-1], CondensedLinear.from_linear(new.get_submodule(linears[-1])))
-    return new.eval()
+    return new.eval().requires_grad_(False)

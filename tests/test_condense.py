@@ -427,6 +427,28 @@ def test_inference_block_uses_one_buffer_and_matches_concatenation(monkeypatch):
         torch.testing.assert_close(converted(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_condensed_model_takes_the_fused_path_without_no_grad():
+    fast = condense(trained_like_cifar())
+    assert not any(p.requires_grad for p in fast.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference.unfused_condensenet(fast)(x)
+    with CountOps() as counts:
+        actual = fast(x)  # grad mode on, but nothing requires grad
+    fused = counts.calls["dense_ops::condensed_conv"] + counts.calls["dense_ops::condensed_conv_into"]
+    assert fused == sum(isinstance(m, CondensedConv) for m in fast.modules())
+    assert counts.calls["aten::cat"] == 0 and not actual.requires_grad
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    # An input that asks for gradients gets them, through the differentiable reference path.
+    x.requires_grad_()
+    with CountOps() as counts:
+        actual = fast(x)
+    assert counts.calls["dense_ops::condensed_conv"] + counts.calls["dense_ops::condensed_conv_into"] == 0
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    actual.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_inference_forward_hooks_still_run():
     converted = condense(trained_like_cifar(), prune_classifier=False)
     layer = converted.features.denseblock_1.denselayer_1
