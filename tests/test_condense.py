@@ -491,6 +491,13 @@ def test_average_pool_into_a_channel_slice(size):
     assert buffer[:, :2].isnan().all() and buffer[:, 7:].isnan().all()
 
 
+def test_model_builders_reject_zero_groups():
+    for build in (lambda: condensenet74(groups=0), lambda: condensenet_cifar(depth=8, groups=0),
+                  lambda: condensenet74(condense_factor=0)):
+        with pytest.raises(ValueError, match="must be a positive integer, got 0"):
+            build()
+
+
 def test_training_step_with_condensation():
     model = condensenet_cifar(depth=8, growth_rates=(4, 4, 4), num_classes=3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

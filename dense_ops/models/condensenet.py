@@ -214,5 +214,5 @@ def condensenet_cifar(depth: int = 86, growth_rates=(8, 16, 32), groups: int = 4
 
 def condensenet74(condense_factor: int = 4, groups: int | None = None, num_classes: int = 1000) -> CondenseNet:
     """ImageNet CondenseNet-74: stages 4-6-8-10-8, growth 8-16-32-64-128, stride-2 3x3 stem."""
-    return CondenseNet((4, 6, 8, 10, 8), (8, 16, 32, 64, 128), groups or condense_factor, condense_factor,
-                       num_classes, stem_stride=2)
+    groups = condense_factor if groups is None else groups
+    return CondenseNet((4, 6, 8, 10, 8), (8, 16, 32, 64, 128), groups, condense_factor, num_classes, stem_stride=2)
