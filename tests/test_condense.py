@@ -153,14 +153,30 @@ def test_condensed_conv_bad_arguments():
         dense_ops.ops.condensed_conv(x, index, scale, shift, weight, 3)
     with pytest.raises(RuntimeError, match="weight dtype"):
         dense_ops.ops.condensed_conv(x, index, scale, shift, weight.double(), groups)
+    with pytest.raises(RuntimeError, match="index must be a 1-D int64 tensor"):
+        dense_ops.ops.condensed_conv(x, index.int(), scale, shift, weight, groups)
     with pytest.raises(RuntimeError, match="exceeds out's"):
         dense_ops.ops.condensed_conv_into(x, index, scale, shift, weight, groups, torch.zeros(1, 10, 2, 2), 3)
+    with pytest.raises(RuntimeError, match="out must have the input's dtype and device"):
+        dense_ops.ops.condensed_conv_into(x, index, scale, shift, weight, groups,
+                                          torch.zeros(1, 11, 2, 2, dtype=torch.float64), 3)
     with pytest.raises(RuntimeError, match="out_scale and out_shift must be given together"):
         dense_ops.ops.condensed_conv(x, index, scale, shift, weight, groups, torch.ones(8))
     with pytest.raises(RuntimeError, match="out_scale and out_shift must be floating 1-D tensors of out_channels=8"):
         dense_ops.ops.condensed_conv(x, index, scale, shift, weight, groups, torch.ones(7), torch.zeros(7))
     with pytest.raises(ValueError, match=r"expected input \[N, 12, H, W\]"):
         layer(torch.randn(1, 11, 2, 2))
+
+
+@pytest.mark.needs_cuda
+def test_condensed_conv_device_mismatch():
+    layer = condensed_layer(dtype=torch.float32, device="cuda")
+    index, scale, shift, weight, groups = op_args(layer)
+    x = torch.randn(1, 12, 2, 2, device="cuda")
+    with pytest.raises(RuntimeError, match="all tensors must be on the input's device"):
+        dense_ops.ops.condensed_conv(x, index.cpu(), scale, shift, weight, groups)
+    with pytest.raises(RuntimeError, match="out must have the input's dtype and device"):
+        dense_ops.ops.condensed_conv_into(x, index, scale, shift, weight, groups, torch.zeros(1, 11, 2, 2), 3)
 
 
 def test_condensed_conv_module_is_differentiable_through_reference_path():
