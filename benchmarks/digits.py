@@ -6,8 +6,9 @@
 CondenseNet training follows the paper: cosine learning rate per iteration, condensation driven by
 dense_ops.update_condensation(model, progress) every iteration (C-1 pruning stages in the first
 half), optional group lasso. Then dense_ops.condense converts the model; the script reports test
-accuracy before and after conversion (with and without classifier pruning), parameters, FLOPs
-(the paper's convention) and inference time.
+accuracy before and after conversion (with and without classifier pruning; a WARNING line when the
+difference exceeds 0 or 1 point respectively), parameters, FLOPs (the paper's convention) and
+inference time.
 """
 from __future__ import annotations
 
@@ -171,9 +172,26 @@ def main(argv=None) -> None:
           f"{image_size}, {epochs} epochs; inference time: batch {len(x_test)}, median of 7, "
           f"{torch.get_num_threads()} threads")
     print(f"{'model':48s} {'test acc %':>10s} {'params':>9s} {'FLOPs':>11s} {'ms':>8s}")
+    accuracies = []
     for name, model in rows:
         flops, params = count_flops_params(model, image_size)
-        print(f"{name:48s} {accuracy(model, data):10.2f} {params:9d} {flops:11d} {inference_ms(model, x_test):8.2f}")
+        accuracies.append(accuracy(model, data))
+        print(f"{name:48s} {accuracies[-1]:10.2f} {params:9d} {flops:11d} {inference_ms(model, x_test):8.2f}")
+    report_conversion(*accuracies[1:])
+
+
+def report_conversion(trained: float, exact: float, pruned: float) -> None:
+    """Checks the conversion: the same accuracy without classifier pruning, within 1 percentage point
+    with it. A warning, not an exit code: short runs can legitimately miss the 1-point bound."""
+    exact_diff, pruned_diff = exact - trained, pruned - trained
+    print(f"conversion: classifier kept {exact_diff:+.2f} points (expected 0), "
+          f"classifier pruned {pruned_diff:+.2f} points (expected within 1)")
+    if exact_diff != 0:
+        print(f"WARNING: converting without classifier pruning changed the test accuracy by {exact_diff:+.2f} "
+              "points; the conversion should be exact (up to rounding of near-ties)")
+    if abs(pruned_diff) > 1.0 + 1e-9:  # slack for the rounding of the percentages
+        print(f"WARNING: classifier pruning changed the test accuracy by {pruned_diff:+.2f} points, more than 1 "
+              "(short runs can miss this bound)")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,13 @@ def _check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def needs_grad(x: torch.Tensor, *modules: nn.Module) -> bool:
+    """Whether autograd records a call on `x` through `modules`: grad mode is on and the input or a
+    parameter requires grad. The inference-only fast paths run whenever it does not."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(
+        p.requires_grad for m in modules for p in m.parameters()))
+
+
 def condensation_stage(progress: float, condense_factor: int) -> int:
     """The stage at a training progress in [0, 1]: the first i < C-1 with 2*progress < (i+1)/(C-1), else C-1."""
     for stage in range(condense_factor - 1):
@@ -40,7 +47,9 @@ class LearnedGroupConv(nn.Module):
 
     Buffers: ``mask`` (same shape as ``conv.weight``; 0 = connection dropped) and ``stage`` (the
     condensation stage reached, 0..C-1). Both are updated in place, so they save, load, copy and
-    are broadcast by DataParallel/DDP like any buffer.
+    are broadcast by DataParallel/DDP like any buffer. The ``stage`` buffer is the truth; the host
+    keeps a copy of it so the schedule does not sync with the device every iteration, and rereads
+    the buffer whenever the scheduled stage changes (see ``advance_to``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, groups: int, condense_factor: int,
@@ -66,7 +75,8 @@ class LearnedGroupConv(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
         self.register_buffer("mask", torch.ones_like(self.conv.weight))
         self.register_buffer("stage", torch.zeros((), dtype=torch.long))
-        self._host_stage = 0  # mirror of `stage`, so the schedule never syncs with the device
+        self._host_stage = 0  # int(self.stage) as last read or written here
+        self._scheduled = None  # the stage last asked for by advance_to
 
     @property
     def drop_per_stage(self) -> int:
@@ -95,14 +105,39 @@ class LearnedGroupConv(nn.Module):
         return self.group_view(self.mask)[0] != 0
 
     def advance_to(self, stage: int) -> None:
-        """Enters `stage`, dropping in_channels // C more inputs per group for every stage entered."""
+        """Enters `stage`, dropping in_channels // C more inputs per group for every stage entered
+        (a stage at or below the one reached changes nothing: dropped inputs are never revived)."""
+        if stage != self._scheduled:
+            # The schedule moved (once per stage in a run, or training restarted elsewhere).
+            # The buffers may have been overwritten in place since we last looked (DDP's buffer
+            # broadcast, an EMA/SWA copy, copy_), so read the stage back: one sync per change.
+            self._resync()
+            self._scheduled = stage
+        if self._host_stage >= stage:
+            return
         with torch.no_grad():
             while self._host_stage < stage:
                 self._drop_least_important()
                 self._host_stage += 1
             self.stage.fill_(self._host_stage)
 
+    def _resync(self) -> None:
+        stage = int(self.stage)
+        if not 0 <= stage < self.condense_factor:
+            raise RuntimeError(f"LearnedGroupConv: the stage buffer holds {stage}, expected 0 to "
+                               f"{self.condense_factor - 1} (condense_factor={self.condense_factor})")
+        self._host_stage = stage
+
     def _drop_least_important(self) -> None:
+        # Entering a stage is rare, so it can afford this sync: a mask that already keeps too few
+        # inputs (stage and mask buffers that disagree) must not be pruned silently down to zero.
+        fewest = int(self.kept_inputs().sum(1).min())
+        if fewest - self.drop_per_stage < self.drop_per_stage:
+            raise RuntimeError(
+                f"LearnedGroupConv: entering stage {self._host_stage + 1} would leave a group with "
+                f"{fewest - self.drop_per_stage} inputs, fewer than in_channels // condense_factor = "
+                f"{self.drop_per_stage}: the mask buffer is more condensed than the stage buffer "
+                f"({self._host_stage}) says; copy or load mask and stage together")
         # Importance of input i for group g: sum of |weight| over the group's outputs. Dropped
         # inputs get +inf so they are never picked again.
         importance = self.group_view((self.conv.weight * self.mask).abs()).sum(0)
@@ -120,7 +155,7 @@ class LearnedGroupConv(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._host_stage = int(self.stage)  # one sync per load, not per forward
+        self._resync()  # one sync per load, not per forward
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, groups={self.groups}, "
@@ -133,8 +168,9 @@ def _learned_group_convs(model: nn.Module) -> list[LearnedGroupConv]:
 
 def update_condensation(model: nn.Module, progress: float) -> None:
     """Advances every LearnedGroupConv of `model` to the condensation stage of `progress`
-    (the fraction of training done, in [0, 1]); call it every iteration. Host-only bookkeeping:
-    the masks change (in place) only when a stage is entered."""
+    (the fraction of training done, in [0, 1]); call it every iteration. Host-side bookkeeping:
+    the stage buffers are read back (one device sync per layer) only when the scheduled stage
+    changes, and the masks change (in place) only when a stage is entered."""
     if isinstance(progress, bool) or not isinstance(progress, (int, float)) or not 0.0 <= progress <= 1.0:
         raise ValueError(f"progress must be a number in [0, 1], got {progress!r}")
     for layer in _learned_group_convs(model):
@@ -208,16 +244,15 @@ class CondensedConv(nn.Module):
 
     def _needs_reference(self, x: torch.Tensor, *modules: nn.Module) -> bool:
         modules = (self, *modules)
-        return any(m.training for m in modules) or (torch.is_grad_enabled() and (x.requires_grad or any(
-            p.requires_grad for m in modules for p in m.parameters())))
+        return any(m.training for m in modules) or needs_grad(x, *modules)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"CondensedConv: expected input [N, {self.in_channels}, H, W], got {tuple(x.shape)}")
 
     def forward_bn_relu(self, x: torch.Tensor, norm: nn.BatchNorm2d) -> torch.Tensor:
-        """relu(norm(self(x))) for the BatchNorm2d that follows this layer: in eval mode without
-        autograd, the norm's affine and the ReLU are applied by the op as it writes its output."""
+        """relu(norm(self(x))) for the BatchNorm2d that follows this layer: in eval mode, when no
+        gradient is needed, the norm's affine and the ReLU are applied by the op as it writes its output."""
         self._check_input(x)
         if self._needs_reference(x, norm) or norm.running_mean is None:  # no running stats: nothing to fold
             return F.relu(norm(self(x)))
@@ -289,7 +324,11 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
 def condense(model: nn.Module, prune_classifier: bool = True) -> nn.Module:
     """A new inference model (eval mode; `model` is untouched): every LearnedGroupConv becomes a
     CondensedConv and, with `prune_classifier`, the last nn.Linear becomes a CondensedLinear keeping
-    half of its inputs. Without classifier pruning the outputs equal `model`'s in eval mode."""
+    half of its inputs. Without classifier pruning the outputs equal `model`'s in eval mode.
+
+    Its parameters do not require grad (``requires_grad_(False)``), so calling it takes the fused
+    path with or without ``torch.no_grad()``; an input that requires grad, or parameters set back
+    to ``requires_grad_(True)`` (fine-tuning), run the differentiable reference path instead."""
     new = copy.deepcopy(model)
     for name, module in list(new.named_modules()):
         if isinstance(module, LearnedGroupConv):
@@ -299,4 +338,4 @@ def condense(model: nn.Module, prune_classifier: bool = True) -> nn.Module:
         if not linears:
             raise ValueError("condense(prune_classifier=True): the model has no nn.Linear classifier")
         new = _replace(new, linears[-1], CondensedLinear.from_linear(new.get_submodule(linears[-1])))
-    return new.eval()
+    return new.eval().requires_grad_(False)

@@ -1,11 +1,13 @@
 """CondenseNet: learned group convolution, condensation schedule, conversion, the fused
 condensed_conv op against the step-by-step reference, and the paper's FLOP/parameter counts."""
+import collections
 import copy
 import io
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dense_ops
 from dense_ops import CondensedConv, CondensedLinear, LearnedGroupConv, condense, group_lasso_loss, reference
@@ -29,6 +31,18 @@ def condensed_layer(in_channels=12, out_channels=8, groups=4, kept=2, dtype=torc
 def op_args(layer: CondensedConv):
     scale, shift = layer.folded_norm()
     return layer.index, scale.detach(), shift.detach(), layer.weight.detach(), layer.groups
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the operators that run, by name (e.g. "dense_ops::condensed_conv", "aten::cat")."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func._schema.name] += 1  # without the overload
+        return func(*args, **(kwargs or {}))
 
 
 # ----------------------------------------------------------------------------- the fused op
@@ -139,14 +153,30 @@ def test_condensed_conv_bad_arguments():
         dense_ops.ops.condensed_conv(x, index, scale, shift, weight, 3)
     with pytest.raises(RuntimeError, match="weight dtype"):
         dense_ops.ops.condensed_conv(x, index, scale, shift, weight.double(), groups)
+    with pytest.raises(RuntimeError, match="index must be a 1-D int64 tensor"):
+        dense_ops.ops.condensed_conv(x, index.int(), scale, shift, weight, groups)
     with pytest.raises(RuntimeError, match="exceeds out's"):
         dense_ops.ops.condensed_conv_into(x, index, scale, shift, weight, groups, torch.zeros(1, 10, 2, 2), 3)
+    with pytest.raises(RuntimeError, match="out must have the input's dtype and device"):
+        dense_ops.ops.condensed_conv_into(x, index, scale, shift, weight, groups,
+                                          torch.zeros(1, 11, 2, 2, dtype=torch.float64), 3)
     with pytest.raises(RuntimeError, match="out_scale and out_shift must be given together"):
         dense_ops.ops.condensed_conv(x, index, scale, shift, weight, groups, torch.ones(8))
     with pytest.raises(RuntimeError, match="out_scale and out_shift must be floating 1-D tensors of out_channels=8"):
         dense_ops.ops.condensed_conv(x, index, scale, shift, weight, groups, torch.ones(7), torch.zeros(7))
     with pytest.raises(ValueError, match=r"expected input \[N, 12, H, W\]"):
         layer(torch.randn(1, 11, 2, 2))
+
+
+@pytest.mark.needs_cuda
+def test_condensed_conv_device_mismatch():
+    layer = condensed_layer(dtype=torch.float32, device="cuda")
+    index, scale, shift, weight, groups = op_args(layer)
+    x = torch.randn(1, 12, 2, 2, device="cuda")
+    with pytest.raises(RuntimeError, match="all tensors must be on the input's device"):
+        dense_ops.ops.condensed_conv(x, index.cpu(), scale, shift, weight, groups)
+    with pytest.raises(RuntimeError, match="out must have the input's dtype and device"):
+        dense_ops.ops.condensed_conv_into(x, index, scale, shift, weight, groups, torch.zeros(1, 11, 2, 2), 3)
 
 
 def test_condensed_conv_module_is_differentiable_through_reference_path():
@@ -258,6 +288,105 @@ def test_condensation_state_survives_save_load_and_copy():
     assert learned_group_convs(model)[0]._host_stage == 1
 
 
+def copy_in_place(target: nn.Module, source: nn.Module) -> None:
+    """What DDP's buffer broadcast, an EMA copy or `buf.copy_` do: no load_state_dict involved."""
+    with torch.no_grad():
+        for a, b in zip(list(target.parameters()) + list(target.buffers()),
+                        list(source.parameters()) + list(source.buffers())):
+            a.copy_(b)
+
+
+@pytest.mark.parametrize("progress", [0.4, 1.0])
+def test_condensation_continues_from_buffers_copied_in_place(progress):
+    original = LearnedGroupConv(16, 8, 4, 4)  # 4 inputs dropped per stage
+    dense_ops.update_condensation(original, 0.4)  # stage 2: 8 inputs kept per group
+    fresh = LearnedGroupConv(16, 8, 4, 4)
+    copy_in_place(fresh, original)
+    dense_ops.update_condensation(fresh, progress)
+    dense_ops.update_condensation(original, progress)
+    stage = condensation_stage(progress, 4)
+    assert torch.equal(fresh.mask, original.mask)
+    assert torch.all(fresh.kept_inputs().sum(1) == 16 - 4 * stage)
+    assert int(fresh.stage) == fresh._host_stage == stage
+
+
+def test_condensation_follows_buffers_rewound_in_place():
+    checkpoint = LearnedGroupConv(16, 8, 4, 4)
+    dense_ops.update_condensation(checkpoint, 0.2)  # stage 1: 12 inputs kept per group
+    layer = copy.deepcopy(checkpoint)
+    dense_ops.update_condensation(layer, 1.0)  # trained on to the end ...
+    copy_in_place(layer, checkpoint)  # ... then restarted from the stage-1 checkpoint
+    dense_ops.update_condensation(layer, 0.2)
+    assert layer.kept_per_group == 12 and not layer.fully_condensed
+    dense_ops.update_condensation(layer, 0.4)  # condensation goes on from the restored stage
+    assert torch.all(layer.kept_inputs().sum(1) == 8) and int(layer.stage) == 2
+
+
+def test_condensation_refuses_inconsistent_buffers():
+    condensed = LearnedGroupConv(16, 8, 4, 4)
+    dense_ops.update_condensation(condensed, 1.0)
+    layer = LearnedGroupConv(16, 8, 4, 4)
+    with torch.no_grad():
+        layer.mask.copy_(condensed.mask)  # the mask of stage 3 without its stage
+    with pytest.raises(RuntimeError, match=r"fewer than in_channels // condense_factor = 4"):
+        dense_ops.update_condensation(layer, 0.2)
+    with torch.no_grad():
+        layer.stage.fill_(4)
+    with pytest.raises(RuntimeError, match="the stage buffer holds 4, expected 0 to 3"):
+        dense_ops.update_condensation(layer, 0.4)
+
+
+def test_update_condensation_touches_the_device_only_when_the_stage_changes():
+    model = condensenet_cifar(depth=8, growth_rates=(4, 4, 4), num_classes=3)
+    layers = len(learned_group_convs(model))
+    dense_ops.update_condensation(model, 0.0)
+    with CountOps() as counts:
+        for step in range(1, 10):
+            dense_ops.update_condensation(model, step / 100)  # still stage 0
+    assert not counts.calls  # no stage write, no device sync
+    with CountOps() as counts:
+        dense_ops.update_condensation(model, 0.2)  # enters stage 1
+    assert counts.calls["aten::_local_scalar_dense"] == 2 * layers  # reads the stage back, checks the mask
+    assert counts.calls["aten::fill_"] == layers
+
+
+def train_condensing(model, steps, total):
+    """Plain SGD steps `steps` of a `total`-step run, condensing as the paper's schedule says."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 8, 8, generator=generator), torch.randint(0, 3, (4,), generator=generator))
+               for _ in range(total)]
+    for step in steps:
+        dense_ops.update_condensation(model, step / total)
+        x, y = batches[step]
+        loss = nn.functional.cross_entropy(model(x), y) + 1e-3 * group_lasso_loss(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("resume", ["deepcopy", "load_state_dict", "copy_in_place"])
+def test_condensation_resumed_mid_training_matches_uninterrupted(resume):
+    total = 12  # C = 4: stages 1, 2, 3 start at steps 2, 4, 6
+    model = condensenet_cifar(depth=8, growth_rates=(4, 4, 4), num_classes=3)
+    train_condensing(model, range(3), total)  # stops in stage 1
+    if resume == "deepcopy":
+        resumed = copy.deepcopy(model)
+    else:
+        resumed = condensenet_cifar(depth=8, growth_rates=(4, 4, 4), num_classes=3)
+        if resume == "load_state_dict":
+            resumed.load_state_dict(model.state_dict())
+        else:
+            copy_in_place(resumed, model)
+    train_condensing(model, range(3, total), total)
+    train_condensing(resumed, range(3, total), total)
+    for a, b in zip(learned_group_convs(model), learned_group_convs(resumed)):
+        assert torch.equal(a.mask, b.mask) and int(b.stage) == 3
+        assert torch.all(b.kept_inputs().sum(1) == b.in_channels // 4)
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 # -------------------------------------------------------------------------- condense / models
 
 def trained_like_cifar(depth=14, stage_progress=1.0):
@@ -314,6 +443,28 @@ def test_inference_block_uses_one_buffer_and_matches_concatenation(monkeypatch):
         torch.testing.assert_close(converted(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_condensed_model_takes_the_fused_path_without_no_grad():
+    fast = condense(trained_like_cifar())
+    assert not any(p.requires_grad for p in fast.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference.unfused_condensenet(fast)(x)
+    with CountOps() as counts:
+        actual = fast(x)  # grad mode on, but nothing requires grad
+    fused = counts.calls["dense_ops::condensed_conv"] + counts.calls["dense_ops::condensed_conv_into"]
+    assert fused == sum(isinstance(m, CondensedConv) for m in fast.modules())
+    assert counts.calls["aten::cat"] == 0 and not actual.requires_grad
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    # An input that asks for gradients gets them, through the differentiable reference path.
+    x.requires_grad_()
+    with CountOps() as counts:
+        actual = fast(x)
+    assert counts.calls["dense_ops::condensed_conv"] + counts.calls["dense_ops::condensed_conv_into"] == 0
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    actual.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_inference_forward_hooks_still_run():
     converted = condense(trained_like_cifar(), prune_classifier=False)
     layer = converted.features.denseblock_1.denselayer_1
@@ -354,6 +505,13 @@ def test_average_pool_into_a_channel_slice(size):
     average_pool_2x2_into(x, buffer[:, 2:7])
     torch.testing.assert_close(buffer[:, 2:7], nn.functional.avg_pool2d(x, 2))
     assert buffer[:, :2].isnan().all() and buffer[:, 7:].isnan().all()
+
+
+def test_model_builders_reject_zero_groups():
+    for build in (lambda: condensenet74(groups=0), lambda: condensenet_cifar(depth=8, groups=0),
+                  lambda: condensenet74(condense_factor=0)):
+        with pytest.raises(ValueError, match="must be a positive integer, got 0"):
+            build()
 
 
 def test_training_step_with_condensation():

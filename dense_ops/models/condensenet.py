@@ -5,10 +5,11 @@ rates increase exponentially from stage to stage; the transitions are "fully den
 pooling only, so every stage sees all earlier features). ``dense_ops.condense(model)`` turns a
 trained model into its inference form.
 
-In inference (no autograd), a block writes every layer's new features into one preallocated
-[N, C_total, H, W] buffer and each layer reads a prefix view of it: no torch.cat; a transition
-pools straight into the next block's buffer, and on CPU thin-group 3x3 convs run as dense
-block-diagonal convs (see THIN_GROUP_INPUTS). Training concatenates, since autograd needs the
+In inference (no gradient needed: grad mode off, or neither the input nor any parameter requires
+grad, as in the output of ``dense_ops.condense``), a block writes every layer's new features into
+one preallocated [N, C_total, H, W] buffer and each layer reads a prefix view of it: no torch.cat;
+a transition pools straight into the next block's buffer, and on CPU thin-group 3x3 convs run as
+dense block-diagonal convs (see THIN_GROUP_INPUTS). Training concatenates, since autograd needs the
 earlier layers' inputs unchanged. ``reference.unfused_condensenet`` turns all of this off.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._prims_common import suggest_memory_format
 
-from ..condense import CondensedConv, LearnedGroupConv
+from ..condense import CondensedConv, LearnedGroupConv, needs_grad
 from ..nn.dense import has_hooks
 
 BOTTLENECK = 4
@@ -70,7 +71,7 @@ class CondenseLayer(nn.Module):
         return self.conv_2(self.conv_1(x))
 
     def inference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """forward() without autograd: a condensed conv_1 applies conv_2's BN and ReLU as it writes
+        """forward() when no gradient is needed: a condensed conv_1 applies conv_2's BN and ReLU as it writes
         its output, and a thin-group 3x3 conv on CPU runs as a dense one."""
         if isinstance(self.conv_1, CondensedConv) and not has_hooks(self.conv_1, self.conv_2.norm, self.conv_2.relu):
             z = self.conv_1.forward_bn_relu(x, self.conv_2.norm)
@@ -116,8 +117,9 @@ class CondenseBlock(nn.ModuleDict):
                                                                  condense_factor, dropout_rate))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.preallocate and not torch.is_grad_enabled():
-            return self._forward_into_buffer(x)
+        if self.preallocate and not needs_grad(x, self):
+            with torch.no_grad():  # changes nothing here, but spares the layers the same check
+                return self._forward_into_buffer(x)
         for layer in self.values():
             x = torch.cat([x, layer(x)], 1)
         return x
@@ -175,7 +177,11 @@ class CondenseNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.features(x) if torch.is_grad_enabled() else self._inference_features(x)
+        if needs_grad(x, self):
+            features = self.features(x)
+        else:
+            with torch.no_grad():  # changes nothing here, but spares every module below the same check
+                features = self._inference_features(x)
         return self.classifier(torch.flatten(features, 1))
 
     def _inference_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,5 +214,5 @@ def condensenet_cifar(depth: int = 86, growth_rates=(8, 16, 32), groups: int = 4
 
 def condensenet74(condense_factor: int = 4, groups: int | None = None, num_classes: int = 1000) -> CondenseNet:
     """ImageNet CondenseNet-74: stages 4-6-8-10-8, growth 8-16-32-64-128, stride-2 3x3 stem."""
-    return CondenseNet((4, 6, 8, 10, 8), (8, 16, 32, 64, 128), groups or condense_factor, condense_factor,
-                       num_classes, stem_stride=2)
+    groups = condense_factor if groups is None else groups
+    return CondenseNet((4, 6, 8, 10, 8), (8, 16, 32, 64, 128), groups, condense_factor, num_classes, stem_stride=2)
