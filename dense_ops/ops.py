@@ -32,6 +32,15 @@ def _block_geometry(input, layer_params, bottleneck):
     return num_layers, growth, width
 
 
+def _check_devices(op, input, **tensors):
+    """The dispatcher runs a fake kernel when any tensor is on meta; real kernels reject mixed
+    devices, so the fake ones must too (else a CPU caller would get uninitialized memory)."""
+    for name, t in tensors.items():
+        for item in (t if isinstance(t, (list, tuple)) else [t]):
+            torch._check(item is None or item.device == input.device,
+                         lambda: f"{op}: {name} is on {item.device}, but the input is on {input.device}")
+
+
 def _empty(shape, like, dtype=None, memory_format=torch.contiguous_format):
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=memory_format)
 
@@ -39,6 +48,7 @@ def _empty(shape, like, dtype=None, memory_format=torch.contiguous_format):
 @torch.library.register_fake("dense_ops::dense_block_forward")
 def _dense_block_forward_fake(input, layer_params, dropout_mask, bottleneck, training, keep_bottleneck, eps,
                               sync_group=None):
+    _check_devices("dense_block_forward", input, layer_params=layer_params, dropout_mask=dropout_mask)
     num_layers, growth, width = _block_geometry(input, layer_params, bottleneck)
     n, c0, h, w = input.shape
     fmt = suggest_memory_format(input)
@@ -152,6 +162,8 @@ def _condensed_out_channels(weight, groups):
 
 @torch.library.register_fake("dense_ops::condensed_conv")
 def _condensed_conv_fake(input, index, scale, shift, weight, groups, out_scale=None, out_shift=None):
+    _check_devices("condensed_conv", input, index=index, scale=scale, shift=shift, weight=weight,
+                   out_scale=out_scale, out_shift=out_shift)
     n, _, h, w = input.shape
     out_channels = _condensed_out_channels(weight, groups)
     return _empty((n, out_channels, h, w), input, memory_format=suggest_memory_format(input))
@@ -160,6 +172,8 @@ def _condensed_conv_fake(input, index, scale, shift, weight, groups, out_scale=N
 @torch.library.register_fake("dense_ops::condensed_conv_into")
 def _condensed_conv_into_fake(input, index, scale, shift, weight, groups, out, out_offset, out_scale=None,
                               out_shift=None):
+    _check_devices("condensed_conv_into", input, index=index, scale=scale, shift=shift, weight=weight, out=out,
+                   out_scale=out_scale, out_shift=out_shift)
     _condensed_out_channels(weight, groups)
     return None
 

@@ -168,6 +168,18 @@ def test_condensed_conv_bad_arguments():
         layer(torch.randn(1, 11, 2, 2))
 
 
+def test_condensed_conv_meta_argument_is_a_device_mismatch():
+    # A meta tensor among the arguments routes the call to the fake kernel, which must refuse it.
+    layer = condensed_layer(dtype=torch.float32)
+    index, scale, shift, weight, groups = op_args(layer)
+    x = torch.randn(1, 12, 2, 2)
+    with pytest.raises(RuntimeError, match="condensed_conv: index is on meta, but the input is on cpu"):
+        dense_ops.ops.condensed_conv(x, index.to("meta"), scale, shift, weight, groups)
+    with pytest.raises(RuntimeError, match="condensed_conv_into: out is on meta"):
+        dense_ops.ops.condensed_conv_into(x, index, scale, shift, weight, groups, torch.zeros(1, 11, 2, 2,
+                                                                                             device="meta"), 3)
+
+
 @pytest.mark.needs_cuda
 def test_condensed_conv_device_mismatch():
     layer = condensed_layer(dtype=torch.float32, device="cuda")

@@ -116,8 +116,12 @@ def test_drop_rate_out_of_range():
 def test_parameter_on_another_device():
     _, block = block_pair()
     block.denselayer2.norm2.weight = torch.nn.Parameter(torch.ones(8, dtype=torch.float64, device="meta"))
+    x = torch.randn(2, 6, 4, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"layer 1 norm2.weight\) is on meta, but the input is on cpu"):
-        block(torch.randn(2, 6, 4, 4, dtype=torch.float64))
+        block(x)
+    params = [t for layer in block.values() for t in _layer_params(layer)]
+    with pytest.raises(RuntimeError, match="layer_params is on meta, but the input is on cpu"):  # the op itself
+        torch.ops.dense_ops.dense_block_forward(x, params, None, True, True, False, 1e-5)
 
 
 def test_meta_tensors_give_shapes_like_torchvision():
