@@ -184,6 +184,22 @@ def test_backward_checks_devices(name):
         torch.ops.dense_ops.dense_block_backward.default.redispatch(cpu, **args)
 
 
+@pytest.mark.parametrize("index,name", [(0, "layer 0 norm1.weight"), (3, "layer 0 norm1.running_var"),
+                                        (4, "layer 0 conv1.weight"), (17, "layer 1 norm2.running_mean"),
+                                        (19, "layer 1 conv2.weight")])
+def test_forward_checks_devices(index, name):
+    # As above: a meta tensor sent to the CPU kernel stands in for a tensor on another device.
+    x, params, mask, bottleneck, training, keep, eps = forward_args(2, True, True, dropout=True)
+    params = [p.detach() for p in params]
+    cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    forward = torch.ops.dense_ops.dense_block_forward.default
+    with pytest.raises(RuntimeError, match="dropout_mask must match the input's dtype and device"):
+        forward.redispatch(cpu, x.detach(), params, mask.to("meta"), bottleneck, training, keep, eps)
+    params[index] = params[index].to("meta")
+    with pytest.raises(RuntimeError, match=f"{name} is on meta but the input is on cpu"):
+        forward.redispatch(cpu, x.detach(), params, mask, bottleneck, training, keep, eps)
+
+
 def test_backward_eval_mode_ignores_statistics_shapes():
     # Eval mode reads the running statistics; the batch statistics are not read.
     args = backward_args(training=False)
