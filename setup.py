@@ -1,7 +1,9 @@
 """Builds dense_ops._C from csrc/.
 
-CPU sources always; CUDA sources too when a GPU is visible or FORCE_CUDA=1
-(a compile-only build on a GPU-less machine needs nvcc and TORCH_CUDA_ARCH_LIST).
+CPU sources always; CUDA sources too when a GPU is visible or FORCE_CUDA=1 (a
+compile-only build on a GPU-less machine; it needs nvcc). TORCH_CUDA_ARCH_LIST is
+honoured; unset, torch builds for the visible GPUs, or we default to DEFAULT_ARCHS
+when there are none.
 """
 import glob
 import os
@@ -29,6 +31,8 @@ from setuptools import find_packages, setup  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# Ampere and Hopper, plus Hopper PTX that newer GPUs JIT-compile.
+DEFAULT_ARCHS = "8.0;9.0+PTX"
 
 
 def _want_cuda():
@@ -53,14 +57,23 @@ def _extension():
         return CppExtension("dense_ops._C", cpp_sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx_flags})
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    # The toolkit's include folder may lack the cuBLAS/cuSPARSE headers that ATen's
-    # CUDA headers include; torch's nvidia-* wheels ship them.
-    import nvidia  # noqa: F401  (namespace package installed with CUDA builds of torch)
-    for base in getattr(nvidia, "__path__", []):
-        for wheel_include in glob.glob(os.path.join(base, "*", "include")):
-            include_dirs.append(wheel_include)
-    arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
+    # With TORCH_CUDA_ARCH_LIST unset, torch builds for the archs of the visible GPUs (plus PTX
+    # of the newest); with no GPU visible it has nothing to detect, so we set a default.
+    gpus = torch.cuda.device_count()
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and gpus == 0:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+    visible_archs = sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(gpus)})
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or ";".join(visible_archs) + "+PTX"
+    # The toolkit's include folder may lack the cuBLAS/cuSPARSE headers that ATen's CUDA
+    # headers include; the nvidia-* wheels of a pip-installed CUDA torch ship them. A conda or
+    # system CUDA comes without those wheels (its toolkit normally has the headers).
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels
+        wheel_roots = list(nvidia.__path__)
+    except ImportError:
+        wheel_roots = []
+    for root in wheel_roots:
+        include_dirs.extend(glob.glob(os.path.join(root, "*", "include")))  # existing folders only
     print(f"dense_ops: building the CPU+CUDA extension ({len(cpp_sources)} C++, "
           f"{len(cuda_sources)} CUDA sources; CUDA_HOME={_cuda_home}, archs {arch_list})")
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-DDENSE_OPS_WITH_CUDA",

@@ -123,6 +123,20 @@ void check_conv(const at::Tensor& w, int64_t out_channels, int64_t in_channels, 
               w.scalar_type(), " but the input has dtype ", input.scalar_type());
 }
 
+// An argument of dense_block_backward must be what dense_block_forward returned: shape
+// (unless `shape` is nullopt: unused in eval mode), dtype and device. The kernels index
+// it by the block's shape, so a mismatch would read or write out of bounds.
+void check_saved(const at::Tensor& t, const std::string& name, at::OptionalIntArrayRef shape, at::ScalarType dtype,
+                 const at::Device& device) {
+  TORCH_CHECK(t.defined(), "dense_block_backward: ", name, " is undefined");
+  TORCH_CHECK(!shape.has_value() || t.sizes() == *shape, "dense_block_backward: ", name, " must have shape ", *shape,
+              ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "dense_block_backward: ", name, " must have dtype ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == device, "dense_block_backward: ", name, " must be on ", device,
+              " (the features' device), got ", t.device());
+}
+
 // Running statistics are checked unless they are unused (backward of a training step).
 BlockShape check_block(const at::Tensor& input, at::TensorList params, bool bottleneck, bool with_running_stats) {
   TORCH_CHECK(input.dim() == 4, "dense_block: input must be a 4-D [N, C, H, W] tensor, got ", input.dim(), "-D");
@@ -214,11 +228,6 @@ BnParams bn_params(at::TensorList params, bool bottleneck, int64_t layer, bool s
   return bn;
 }
 
-// The first `channels` batch statistics; undefined in eval mode, where there are none.
-at::Tensor prefix(const at::Tensor& stats, int64_t channels) {
-  return stats.numel() > 0 ? stats.narrow(0, 0, channels) : at::Tensor();
-}
-
 void check_dropout_mask(const std::optional<at::Tensor>& mask, const at::Tensor& input, const BlockShape& s) {
   if (!mask.has_value()) return;
   TORCH_CHECK(mask->dim() == 4 && mask->size(0) == s.batch && mask->size(1) == s.num_layers * s.growth &&
@@ -275,12 +284,16 @@ struct Block {
       for (int64_t w = w0; w < w1; ++w) body(w, shape.batch * w / workers, shape.batch * (w + 1) / workers);
     });
   }
+  // Batch statistics are read in training only (eval mode uses the running statistics).
   BnParams bn1(int64_t l) const {
     const int64_t c = shape.channels(l);
-    return bn_params(params, bottleneck, l, false, training, prefix(batch_mean, c), prefix(batch_var, c), eps, acc);
+    if (!training) return bn_params(params, bottleneck, l, false, false, {}, {}, eps, acc);
+    return bn_params(params, bottleneck, l, false, true, batch_mean.narrow(0, 0, c), batch_var.narrow(0, 0, c), eps,
+                     acc);
   }
   BnParams bn2(int64_t l) const {
-    return bn_params(params, bottleneck, l, true, training, bottleneck_mean[l], bottleneck_var[l], eps, acc);
+    if (!training) return bn_params(params, bottleneck, l, true, false, {}, {}, eps, acc);
+    return bn_params(params, bottleneck, l, true, true, bottleneck_mean[l], bottleneck_var[l], eps, acc);
   }
   const at::Tensor& weight(int64_t l, ParamIndex which) const { return param(params, bottleneck, l, which); }
   at::Tensor empty(int64_t channels, at::ScalarType dtype) const {
@@ -462,19 +475,33 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dense_block_backward(
   const int64_t in_channels = features.size(1) - num_layers * growth;
   TORCH_CHECK(in_channels > 0, "dense_block_backward: features has too few channels for ", num_layers, " layers");
   const BlockShape s = check_block(features.narrow(1, 0, in_channels), params, bottleneck, /*with_running_stats=*/!training);
-  TORCH_CHECK(grad_features.sizes() == features.sizes(), "dense_block_backward: grad_features must have shape ",
-              features.sizes(), ", got ", grad_features.sizes());
+  TORCH_CHECK(eps > 0, "dense_block_backward: eps must be positive, got ", eps);
   TORCH_CHECK(static_cast<int64_t>(layer_needs_grad.size()) == s.num_layers,
               "dense_block_backward: layer_needs_grad must have one entry per layer");
-  const bool keep_bottleneck = !saved_bottleneck.empty();
-  TORCH_CHECK(!keep_bottleneck || static_cast<int64_t>(saved_bottleneck.size()) == s.num_layers,
-              "dense_block_backward: saved_bottleneck must be empty or hold one tensor per layer");
-  TORCH_CHECK(!training || (batch_mean.numel() == s.total_channels() && batch_var.numel() == s.total_channels()),
-              "dense_block_backward: batch_mean and batch_var must hold ", s.total_channels(), " statistics");
-  check_dropout_mask(dropout_mask, features, s);
-
   const auto format = features.suggest_memory_format();
   const auto acc = stats_dtype(features.scalar_type());
+  const auto device = features.device();
+  check_saved(grad_features, "grad_features", features.sizes(), features.scalar_type(), device);
+  // The batch statistics are unused in eval mode: their shape is not checked there.
+  const std::vector<int64_t> channel_stats{s.total_channels()}, bottleneck_stats{s.num_layers, s.bottleneck_width};
+  const at::OptionalIntArrayRef stats_shape = training ? at::OptionalIntArrayRef(channel_stats) : std::nullopt;
+  const at::OptionalIntArrayRef bottleneck_stats_shape =
+      training ? at::OptionalIntArrayRef(bottleneck_stats) : std::nullopt;
+  check_saved(batch_mean, "batch_mean", stats_shape, acc, device);
+  check_saved(batch_var, "batch_var", stats_shape, acc, device);
+  check_saved(bottleneck_mean, "bottleneck_mean", bottleneck_stats_shape, acc, device);
+  check_saved(bottleneck_var, "bottleneck_var", bottleneck_stats_shape, acc, device);
+  const bool keep_bottleneck = !saved_bottleneck.empty();
+  TORCH_CHECK(!keep_bottleneck || (bottleneck && static_cast<int64_t>(saved_bottleneck.size()) == s.num_layers),
+              "dense_block_backward: saved_bottleneck must be empty or, with a bottleneck, hold one tensor per layer");
+  std::vector<at::Tensor> saved;  // in the features' layout, as the kernels expect
+  for (int64_t l = 0; l < static_cast<int64_t>(saved_bottleneck.size()); ++l) {
+    check_saved(saved_bottleneck[l], "saved_bottleneck[" + std::to_string(l) + "]",
+                {{s.batch, s.bottleneck_width, s.height, s.width}}, features.scalar_type(), device);
+    saved.push_back(saved_bottleneck[l].contiguous(format));
+  }
+  check_dropout_mask(dropout_mask, features, s);
+
   const StatSync sync(training ? sync_group : std::nullopt, s.batch * s.height * s.width, features);
   Block b{s, params, bottleneck, training, is_channels_last(format), eps, format, acc, kernels, sync,
           features, batch_mean, batch_var, bottleneck_mean, bottleneck_var};
@@ -535,7 +562,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dense_block_backward(
 
     at::Tensor sum_dy_xhat = at::zeros({c}, acc_options.dtype(at::kDouble)), sum_dy = at::zeros({c}, acc_options.dtype(at::kDouble));
     if (bottleneck) {
-      const at::Tensor& out = keep_bottleneck ? saved_bottleneck[l] : recomputed_bottleneck;
+      const at::Tensor& out = keep_bottleneck ? saved[l] : recomputed_bottleneck;
       if (!keep_bottleneck) bottleneck_forward(b, l, out);
       const at::Tensor grad_bottleneck = bottleneck_output_backward(b, l, out, grad_new, need_weights, grads);
       at::Tensor grad_conv1;

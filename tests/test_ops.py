@@ -1,4 +1,8 @@
 """torch.library.opcheck on every dense_ops op, and clear errors for bad input."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -147,6 +151,110 @@ def test_op_checks_in_cpp():
     with pytest.raises(RuntimeError, match="count must be > 1"):
         torch.ops.dense_ops.update_running_stats([torch.zeros(2)], [torch.ones(2)], [torch.zeros(2)], [torch.ones(2)],
                                                  [0.1], 1)
+
+
+# ---- dense_block_backward: the saved tensors must be what the forward returned ---------------
+
+def backward_args(training=True):
+    """Keyword arguments of a valid dense_block_backward call (bottleneck, float64, 2 layers)."""
+    x, params, mask, bottleneck, _, keep, eps = forward_args(2, training, True, dropout=training)
+    with torch.no_grad():
+        out = torch.ops.dense_ops.dense_block_forward(x, params, mask, bottleneck, training, keep, eps)
+    features, mean, var, saved, mean2, var2 = out
+    return dict(grad_features=torch.randn_like(features), features=features, batch_mean=mean, batch_var=var,
+                saved_bottleneck=saved, bottleneck_mean=mean2, bottleneck_var=var2,
+                layer_params=[p.detach() for p in params], dropout_mask=mask, bottleneck=bottleneck,
+                training=training, eps=eps, layer_needs_grad=[1, 1], input_needs_grad=True)
+
+
+# (argument, bad value from the valid arguments, expected message)
+BAD_BACKWARD_ARGS = [
+    ("grad_features", lambda a: a["grad_features"].float(), "grad_features must have dtype Double, got Float"),
+    ("grad_features", lambda a: a["grad_features"][:, :5], "grad_features must have shape"),
+    ("batch_mean", lambda a: a["batch_mean"][:-1], r"batch_mean must have shape \[7\], got \[6\]"),
+    ("batch_var", lambda a: a["batch_var"].float(), "batch_var must have dtype Double"),
+    ("bottleneck_mean", lambda a: a["bottleneck_mean"][:, :1], r"bottleneck_mean must have shape \[2, 4\]"),
+    ("bottleneck_var", lambda a: a["bottleneck_var"].float(), "bottleneck_var must have dtype Double"),
+    ("saved_bottleneck", lambda a: [torch.randn(2, 5, 4, 4, dtype=torch.float64)] * 2,
+     r"saved_bottleneck\[0\] must have shape \[2, 4, 4, 4\], got \[2, 5, 4, 4\]"),
+    ("saved_bottleneck", lambda a: [a["saved_bottleneck"][0], a["saved_bottleneck"][1].float()],
+     r"saved_bottleneck\[1\] must have dtype Double"),
+    ("saved_bottleneck", lambda a: a["saved_bottleneck"][:1], "saved_bottleneck must be empty or"),
+    ("eps", lambda a: 0.0, "eps must be positive"),
+]
+
+
+@pytest.mark.parametrize("name,bad,match", BAD_BACKWARD_ARGS, ids=[f"{n}-{i}" for i, (n, _, _) in
+                                                                    enumerate(BAD_BACKWARD_ARGS)])
+def test_backward_checks_saved_arguments(name, bad, match):
+    args = backward_args()
+    args[name] = bad(args)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.dense_ops.dense_block_backward(**args)
+
+
+@pytest.mark.parametrize("name", ["grad_features", "batch_mean", "batch_var", "bottleneck_mean", "bottleneck_var",
+                                  "saved_bottleneck"])
+def test_backward_checks_devices(name):
+    # No second real device here: a meta tensor, sent to the CPU kernel directly (the dispatcher
+    # alone would pick the meta kernel), stands in for a tensor on another device.
+    args = backward_args()
+    value = args[name]
+    args[name] = [t.to("meta") for t in value] if isinstance(value, list) else value.to("meta")
+    cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    with pytest.raises(RuntimeError, match=f"{name}.* must be on cpu .*, got meta"):
+        torch.ops.dense_ops.dense_block_backward.default.redispatch(cpu, **args)
+
+
+@pytest.mark.parametrize("index,name", [(0, "layer 0 norm1.weight"), (3, "layer 0 norm1.running_var"),
+                                        (4, "layer 0 conv1.weight"), (17, "layer 1 norm2.running_mean"),
+                                        (19, "layer 1 conv2.weight")])
+def test_forward_checks_devices(index, name):
+    # As above: a meta tensor sent to the CPU kernel stands in for a tensor on another device.
+    x, params, mask, bottleneck, training, keep, eps = forward_args(2, True, True, dropout=True)
+    params = [p.detach() for p in params]
+    cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    forward = torch.ops.dense_ops.dense_block_forward.default
+    with pytest.raises(RuntimeError, match="dropout_mask must match the input's dtype and device"):
+        forward.redispatch(cpu, x.detach(), params, mask.to("meta"), bottleneck, training, keep, eps)
+    params[index] = params[index].to("meta")
+    with pytest.raises(RuntimeError, match=f"{name} is on meta but the input is on cpu"):
+        forward.redispatch(cpu, x.detach(), params, mask, bottleneck, training, keep, eps)
+
+
+def test_backward_eval_mode_ignores_statistics_shapes():
+    # Eval mode reads the running statistics; the batch statistics are not read.
+    args = backward_args(training=False)
+    expected = torch.ops.dense_ops.dense_block_backward(**args)
+    args.update(batch_mean=args["batch_mean"].new_zeros(3), bottleneck_mean=args["bottleneck_mean"].new_empty(0))
+    torch.testing.assert_close(torch.ops.dense_ops.dense_block_backward(**args), expected)
+
+
+def test_backward_accepts_saved_bottleneck_in_another_layout():
+    args = backward_args()
+    expected = torch.ops.dense_ops.dense_block_backward(**args)
+    args["saved_bottleneck"] = [t.contiguous(memory_format=torch.channels_last) for t in args["saved_bottleneck"]]
+    torch.testing.assert_close(torch.ops.dense_ops.dense_block_backward(**args), expected)
+
+
+def test_backward_oversized_saved_bottleneck_does_not_crash():
+    # Unchecked, a saved bottleneck wider than the block's made the kernels write past the end
+    # of their buffers (heap corruption, abort): run it in a child process to survive that.
+    script = (
+        "import torch, test_ops\n"
+        "args = test_ops.backward_args()\n"
+        "args['saved_bottleneck'] = [torch.randn(2, 400, 64, 64, dtype=torch.float64)] * 2\n"
+        "try:\n"
+        "    torch.ops.dense_ops.dense_block_backward(**args)\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    package_root = os.path.dirname(os.path.dirname(dense_ops.__file__))  # the same build as this process
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests_dir, package_root, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "saved_bottleneck[0] must have shape [2, 4, 4, 4]" in done.stdout
 
 
 def test_double_backward_is_refused():

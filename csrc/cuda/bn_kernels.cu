@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "common/bn_math.h"
+#include "cuda/device_checks.h"
 #include "dense_block.h"
 
 namespace dense_ops {
@@ -150,18 +151,18 @@ __global__ void bn_input_grad_kernel(Plane<const scalar_t> x, DeviceBn<acc_t> st
   }
 }
 
-// Launch configuration and checks shared by all kernels; false when there is nothing to do.
+// Launch configuration shared by all kernels; false when there is nothing to do.
 bool prepare_launch(const at::Tensor& x, dim3& grid) {
-  TORCH_CHECK(x.is_cuda(), "dense_ops: expected a CUDA tensor, got one on ", x.device());
   if (x.numel() == 0) return false;
   grid = dim3(static_cast<unsigned>(std::min<int64_t>(x.size(1), kMaxBlocks)));
   return true;
 }
 
 void channel_moments(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, bool) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  check_same_cuda_device("dense_ops channel_moments", {{"x", x}, {"mean", mean}, {"var", var}});
   dim3 grid;
   if (!prepare_launch(x, grid)) return;
+  const c10::cuda::CUDAGuard guard(x.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_channel_moments_cuda", [&] {
     using stat_t = at::opmath_type<scalar_t>;
@@ -173,9 +174,11 @@ void channel_moments(const at::Tensor& x, const at::Tensor& mean, const at::Tens
 }
 
 void bn_relu_forward(const at::Tensor& x, const BnParams& bn, const at::Tensor& out, bool) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  check_same_cuda_device("dense_ops bn_relu_forward", {{"x", x}, {"bn.weight", bn.weight}, {"bn.bias", bn.bias},
+                                                      {"bn.mean", bn.mean}, {"bn.var", bn.var}, {"out", out}});
   dim3 grid;
   if (!prepare_launch(x, grid)) return;
+  const c10::cuda::CUDAGuard guard(x.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_relu_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -188,9 +191,13 @@ void bn_relu_forward(const at::Tensor& x, const BnParams& bn, const at::Tensor& 
 void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnParams& bn,
                       const at::Tensor& accumulated, bool accumulate, const at::Tensor& sum_dy_xhat,
                       const at::Tensor& sum_dy, bool) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  check_same_cuda_device("dense_ops bn_relu_backward",
+                         {{"x", x}, {"grad_out", grad_out}, {"bn.weight", bn.weight}, {"bn.bias", bn.bias},
+                          {"bn.mean", bn.mean}, {"bn.var", bn.var}, {"accumulated", accumulated},
+                          {"sum_dy_xhat", sum_dy_xhat}, {"sum_dy", sum_dy}});
   dim3 grid;
   if (!prepare_launch(x, grid)) return;
+  const c10::cuda::CUDAGuard guard(x.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_relu_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -203,9 +210,13 @@ void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnP
 
 void bn_input_grad(const at::Tensor& x, const BnParams& stats, const at::Tensor& accumulated, const at::Tensor& direct,
                    const at::Tensor& proj_mean, const at::Tensor& proj_xhat, const at::Tensor& out, bool) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  check_same_cuda_device("dense_ops bn_input_grad",
+                         {{"x", x}, {"stats.weight", stats.weight}, {"stats.bias", stats.bias},
+                          {"stats.mean", stats.mean}, {"stats.var", stats.var}, {"accumulated", accumulated},
+                          {"direct", direct}, {"proj_mean", proj_mean}, {"proj_xhat", proj_xhat}, {"out", out}});
   dim3 grid;
   if (!prepare_launch(x, grid)) return;
+  const c10::cuda::CUDAGuard guard(x.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_input_grad_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -12,6 +12,7 @@
 #include <algorithm>
 
 #include "common/condense_math.h"
+#include "cuda/device_checks.h"
 
 namespace dense_ops {
 namespace {
@@ -64,6 +65,7 @@ __global__ void scatter_kernel(const scalar_t* __restrict__ result, PackedLayout
   }
 }
 
+// gather_cuda and scatter_cuda run inside the ops below, which have checked the operands' devices.
 void gather_cuda(const at::Tensor& input, const PlaneStrides& in, const at::Tensor& index, const at::Tensor& scale,
                  const at::Tensor& shift, at::Tensor& operand, const PackedLayout& layout) {
   const int64_t total = operand.numel();
@@ -102,7 +104,9 @@ const condense::Kernels kCudaKernels{&gather_cuda, &scatter_cuda};
 at::Tensor condensed_conv_cuda(const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
                                const at::Tensor& shift, const at::Tensor& weight, int64_t groups,
                                const condense::OptionalTensor& out_scale, const condense::OptionalTensor& out_shift) {
-  TORCH_CHECK(input.is_cuda(), "condensed_conv: expected a CUDA input, got one on ", input.device());
+  check_same_cuda_device("condensed_conv", {{"input", input}, {"index", index}, {"scale", scale}, {"shift", shift},
+                                            {"weight", weight}, {"out_scale", out_scale.value_or(at::Tensor())},
+                                            {"out_shift", out_shift.value_or(at::Tensor())}});
   const c10::cuda::CUDAGuard guard(input.device());
   return condense::run(kCudaKernels, input, index, scale, shift, weight, groups, out_scale, out_shift);
 }
@@ -111,7 +115,10 @@ void condensed_conv_into_cuda(const at::Tensor& input, const at::Tensor& index, 
                               const at::Tensor& shift, const at::Tensor& weight, int64_t groups, at::Tensor out,
                               int64_t out_offset, const condense::OptionalTensor& out_scale,
                               const condense::OptionalTensor& out_shift) {
-  TORCH_CHECK(input.is_cuda(), "condensed_conv_into: expected a CUDA input, got one on ", input.device());
+  check_same_cuda_device("condensed_conv_into",
+                         {{"input", input}, {"index", index}, {"scale", scale}, {"shift", shift}, {"weight", weight},
+                          {"out", out}, {"out_scale", out_scale.value_or(at::Tensor())},
+                          {"out_shift", out_shift.value_or(at::Tensor())}});
   const c10::cuda::CUDAGuard guard(input.device());
   condense::run_into_checked(kCudaKernels, input, index, scale, shift, weight, groups, out, out_offset, out_scale,
                              out_shift);
