@@ -66,6 +66,9 @@ def _dense_block_forward_fake(input, layer_params, dropout_mask, bottleneck, tra
 def _dense_block_backward_fake(grad_features, features, batch_mean, batch_var, saved_bottleneck, bottleneck_mean,
                                bottleneck_var, layer_params, dropout_mask, bottleneck, training, eps,
                                layer_needs_grad, input_needs_grad, sync_group=None):
+    _check_devices("dense_block_backward", features, grad_features=grad_features, batch_mean=batch_mean,
+                   batch_var=batch_var, saved_bottleneck=saved_bottleneck, bottleneck_mean=bottleneck_mean,
+                   bottleneck_var=bottleneck_var, layer_params=layer_params, dropout_mask=dropout_mask)
     per_layer = params_per_layer(bottleneck)
     num_layers, growth, _ = _block_geometry(features, layer_params, bottleneck)
     n, c, h, w = features.shape

@@ -9,11 +9,11 @@ import io
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import dense_ops
 from dense_ops import models
+from helpers import run_gloo_ranks
 from model_helpers import assert_same_step, forward_backward, randomize_batch_norms
 
 
@@ -201,14 +201,5 @@ def _ddp_steps(rank, world_size):
         torch.testing.assert_close(gathered[0], gathered[1], atol=0, rtol=0)
 
 
-def _ddp_worker(rank, world_size, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        _ddp_steps(rank, world_size)  # the DDP wrappers are gone before their process group
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 def test_ddp_two_processes_gloo_matches_naive(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "ddp_init")), nprocs=2, join=True)
+    run_gloo_ranks(_ddp_steps, 2, str(tmp_path / "ddp_init"))

@@ -204,6 +204,8 @@ def test_backward_checks_devices(name):
     cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
     with pytest.raises(RuntimeError, match=f"{name}.* must be on cpu .*, got meta"):
         torch.ops.dense_ops.dense_block_backward.default.redispatch(cpu, **args)
+    with pytest.raises(RuntimeError, match=f"dense_block_backward: {name} is on meta, but the input is on cpu"):
+        torch.ops.dense_ops.dense_block_backward(**args)  # dispatched to the fake kernel, which refuses it
 
 
 @pytest.mark.parametrize("index,name", [(0, "layer 0 norm1.weight"), (3, "layer 0 norm1.running_var"),

@@ -3,10 +3,9 @@ each rank's results equal the naive block run on the whole (concatenated) batch.
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import dense_ops
-from helpers import block_pair
+from helpers import block_pair, run_gloo_ranks
 
 # Different batch sizes per rank: the group's statistics weigh every sample equally.
 BATCH_SIZES = (3, 5)
@@ -64,19 +63,14 @@ def _naive_output(naive, x):
     return out
 
 
-def _worker(rank, world_size, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        torch.set_num_threads(1)
-        for bn_size, recompute in CASES:
-            _check_case(rank, bn_size, recompute)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _steps(rank, world_size):
+    torch.set_num_threads(1)
+    for bn_size, recompute in CASES:
+        _check_case(rank, bn_size, recompute)
 
 
 def test_sync_batchnorm_two_ranks_match_naive_on_whole_batch(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "sync_init")), nprocs=2, join=True)
+    run_gloo_ranks(_steps, 2, str(tmp_path / "sync_init"))
 
 
 def test_eval_mode_and_single_process_do_not_synchronize():
