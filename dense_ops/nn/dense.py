@@ -81,8 +81,9 @@ def run_layers(layers: list[nn.Module], x: torch.Tensor, recompute: str, sync_gr
     modes = _fused_modes(layers)
     if modes is None:
         if sync_group is not None:
-            raise ValueError("dense_ops: a synchronized dense block must run as one op, but its layers disagree "
-                             "on train/eval mode or drop_rate, or have hooks")
+            raise ValueError("dense_ops: a synchronized dense block must run as one op, but its layers or batch "
+                             "norms differ in train/eval mode, drop_rate or eps, lack affine parameters or "
+                             "running statistics, or have hooks")
         return None
     bn_training, dropout_training = modes
     norms = _norms_of(layers)
