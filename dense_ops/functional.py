@@ -29,17 +29,6 @@ def _check_input(input: torch.Tensor, in_channels: int) -> None:
         raise ValueError(f"input must have {in_channels} channels (num_input_features), got {input.shape[1]}")
 
 
-def _check_params(input: torch.Tensor, layer_params: Sequence[torch.Tensor], per_layer: int) -> None:
-    # The dispatcher picks the kernel from all tensors (a meta parameter would select the fake
-    # kernel), so devices are checked before the op runs.
-    for i, p in enumerate(layer_params):
-        name = f"layer_params[{i}] (layer {i // per_layer} {ops.PARAM_NAMES[i % per_layer]})"
-        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {getattr(p, 'dtype', type(p).__name__)}")
-        if p.device != input.device:
-            raise ValueError(f"{name} is on {p.device}, but the input is on {input.device}")
-
-
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     if not torch.amp.is_autocast_available(device_type):  # e.g. meta tensors
         return None
@@ -69,7 +58,6 @@ def dense_block(input: torch.Tensor, layer_params: Sequence[torch.Tensor], *, bo
     if not 0.0 <= drop_rate <= 1.0:
         raise ValueError(f"drop_rate must be in [0, 1], got {drop_rate}")
     _check_input(input, layer_params[0].shape[0])
-    _check_params(input, layer_params, per_layer)
     num_layers = len(layer_params) // per_layer
     if training and sync_group is None:
         F._verify_batch_size(input.size())

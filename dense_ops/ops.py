@@ -36,9 +36,10 @@ def _check_devices(op, input, **tensors):
     """The dispatcher runs a fake kernel when any tensor is on meta; real kernels reject mixed
     devices, so the fake ones must too (else a CPU caller would get uninitialized memory)."""
     for name, t in tensors.items():
-        for item in (t if isinstance(t, (list, tuple)) else [t]):
+        items = [(f"{name}[{i}]", item) for i, item in enumerate(t)] if isinstance(t, (list, tuple)) else [(name, t)]
+        for label, item in items:
             torch._check(item is None or item.device == input.device,
-                         lambda: f"{op}: {name} is on {item.device}, but the input is on {input.device}")
+                         lambda: f"{op}: {label} is on {item.device}, but the input is on {input.device}")
 
 
 def _empty(shape, like, dtype=None, memory_format=torch.contiguous_format):

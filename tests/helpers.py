@@ -1,5 +1,10 @@
 """Shared builders for the tests: blocks with identical, randomized weights and statistics."""
+import os
+import sys
+
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 from torchvision.models.densenet import _DenseBlock
 
@@ -53,15 +58,10 @@ def assert_close_dicts(a, b, atol, rtol=0.0):
 
 def run_gloo_ranks(steps, world_size: int, init_file: str) -> None:
     """Runs steps(rank, world_size) in world_size processes joined by a gloo process group."""
-    import torch.multiprocessing as mp
     mp.spawn(_gloo_rank, args=(steps, world_size, init_file), nprocs=world_size, join=True)
 
 
 def _gloo_rank(rank, steps, world_size, init_file):
-    import os
-    import sys
-
-    import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         steps(rank, world_size)  # objects holding the group (DDP wrappers) are gone when it returns
