@@ -7,6 +7,7 @@ when there are none.
 """
 import glob
 import os
+import re
 import shutil
 
 
@@ -45,17 +46,40 @@ def _want_cuda():
     return torch.cuda.is_available() and _cuda_home is not None
 
 
+def _wheel_cuda_headers():
+    """Include folders of the nvidia-* wheels, where the toolkit lacks the cuBLAS/cuSPARSE
+    headers that ATen's CUDA headers include (a compile-only toolkit beside a pip-installed CUDA
+    torch); empty when the toolkit has them (a full or conda CUDA) or no such wheel is installed."""
+    if os.path.exists(os.path.join(_cuda_home, "include", "cublas_v2.h")):
+        return []
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels
+    except ImportError:
+        return []
+    return sorted(d for root in nvidia.__path__ for d in glob.glob(os.path.join(root, "*", "include")))
+
+
+def _openmp_flags():
+    """-fopenmp when torch's parallel backend is OpenMP. ATen's at::parallel_for is an inline
+    template that is parallel only where the including file is compiled with OpenMP; torch
+    says which backend it was built with in parallel_info()."""
+    backend = re.search(r"ATen parallel backend: (\w+)", torch.__config__.parallel_info())
+    return ["-fopenmp"] if backend and backend.group(1) == "OpenMP" else []
+
+
 def _extension():
     with_cuda = _want_cuda()
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
     defines = [f'-DDENSE_OPS_TORCH_VERSION="{torch.__version__.split("+")[0]}"']
-    cxx_flags = ["-O3"] + defines
+    openmp = _openmp_flags()
+    cxx_flags = ["-O3"] + openmp + defines
     if not with_cuda:
-        print(f"dense_ops: building the CPU extension ({len(cpp_sources)} C++ sources)")
+        print(f"dense_ops: building the CPU extension ({len(cpp_sources)} C++ sources; "
+              f"OpenMP {'on' if openmp else 'off'})")
         return CppExtension("dense_ops._C", cpp_sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx_flags})
+                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp)
 
     # With TORCH_CUDA_ARCH_LIST unset, torch builds for the archs of the visible GPUs (plus PTX
     # of the newest); with no GPU visible it has nothing to detect, so we set a default.
@@ -64,24 +88,19 @@ def _extension():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
     visible_archs = sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(gpus)})
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or ";".join(visible_archs) + "+PTX"
-    # The toolkit's include folder may lack the cuBLAS/cuSPARSE headers that ATen's CUDA
-    # headers include; the nvidia-* wheels of a pip-installed CUDA torch ship them. A conda or
-    # system CUDA comes without those wheels (its toolkit normally has the headers).
-    try:
-        import nvidia  # namespace package of the nvidia-* wheels
-        wheel_roots = list(nvidia.__path__)
-    except ImportError:
-        wheel_roots = []
-    for root in wheel_roots:
-        include_dirs.extend(glob.glob(os.path.join(root, "*", "include")))  # existing folders only
+    cuda_defines = ["-DDENSE_OPS_WITH_CUDA", f'-DDENSE_OPS_CUDA_ARCHS="{arch_list}"']
+    wheel_headers = _wheel_cuda_headers()
     print(f"dense_ops: building the CPU+CUDA extension ({len(cpp_sources)} C++, "
-          f"{len(cuda_sources)} CUDA sources; CUDA_HOME={_cuda_home}, archs {arch_list})")
-    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-DDENSE_OPS_WITH_CUDA",
-                  f'-DDENSE_OPS_CUDA_ARCHS="{arch_list}"'] + defines
+          f"{len(cuda_sources)} CUDA sources; CUDA_HOME={_cuda_home}, archs {arch_list}; "
+          f"OpenMP {'on' if openmp else 'off'}; nvidia wheel headers: {wheel_headers or 'not needed'})")
+    # After the toolkit's own folder, so a wheel of another CUDA minor version cannot shadow it:
+    # g++ has -idirafter; nvcc has no such flag, and its -isystem comes after every -I folder.
+    cxx_flags += cuda_defines + [f for d in wheel_headers for f in ("-idirafter", d)]
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr"] + cuda_defines + defines + \
+        [f for d in wheel_headers for f in ("-isystem", d)]
     return CUDAExtension("dense_ops._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
-                         extra_compile_args={"cxx": cxx_flags + ["-DDENSE_OPS_WITH_CUDA",
-                                                                 f'-DDENSE_OPS_CUDA_ARCHS="{arch_list}"'],
-                                             "nvcc": nvcc_flags})
+                         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                         extra_link_args=openmp)
 
 
 setup(

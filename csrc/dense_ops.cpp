@@ -1,8 +1,16 @@
 // Operator schemas of the dense_ops library and the Python module's build information.
 // Kernels are registered per dispatch key in cpu/ and cuda/; fake kernels and autograd
 // are registered from Python (dense_ops/ops.py).
+#include <ATen/Config.h>
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
+
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "dense_block.h"
 
 #ifdef DENSE_OPS_WITH_CUDA
 #include <cuda.h>  // CUDA_VERSION of the toolkit that compiled us
@@ -14,11 +22,12 @@
 
 TORCH_LIBRARY(dense_ops, m) {
   // layer_params: per layer [norm1.weight, norm1.bias, norm1.running_mean, norm1.running_var,
-  // conv1.weight] plus, with a bottleneck, the same five for norm2/conv2. With a sync_group
+  // conv1.weight] plus, with a bottleneck, the same five for norm2/conv2 (dense_block.h's LayerParam).
+  // recompute: "bn_relu" or "bottleneck" (dense_block.h's Recompute). With a sync_group
   // (a c10d process group name), training statistics are taken over the whole group.
   m.def(
       "dense_block_forward(Tensor input, Tensor[] layer_params, Tensor? dropout_mask, bool bottleneck, "
-      "bool training, bool keep_bottleneck, float eps, str? sync_group=None) -> (Tensor features, "
+      "bool training, str recompute, float eps, str? sync_group=None) -> (Tensor features, "
       "Tensor batch_mean, Tensor batch_var, Tensor[] saved_bottleneck, Tensor bottleneck_mean, Tensor bottleneck_var)");
   m.def(
       "dense_block_backward(Tensor grad_features, Tensor features, Tensor batch_mean, Tensor batch_var, "
@@ -44,9 +53,45 @@ TORCH_LIBRARY(dense_ops, m) {
 
 namespace {
 
+// ATen's parallel backend as this file was compiled against it, and whether our own
+// at::parallel_for loops run in parallel: with OpenMP only if we were compiled with it
+// (parallel_for is inline), with the native thread pool always.
+#if AT_PARALLEL_OPENMP
+constexpr const char* kParallelBackend = "OpenMP";
+#ifdef _OPENMP
+constexpr bool kParallelKernels = true;
+#else
+constexpr bool kParallelKernels = false;
+#endif
+#elif AT_PARALLEL_NATIVE
+constexpr const char* kParallelBackend = "native thread pool";
+constexpr bool kParallelKernels = true;
+#else
+constexpr const char* kParallelBackend = "unknown";
+constexpr bool kParallelKernels = false;
+#endif
+
+// How many distinct threads run an at::parallel_for of `items` one-item chunks compiled here,
+// as the kernels' loops are (the test of parallel_kernels).
+int64_t parallel_for_threads(int64_t items) {
+  std::mutex mutex;
+  std::set<std::thread::id> threads;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    // Enough work per chunk that one thread does not take every chunk before the others start.
+    volatile double sink = 0;
+    for (int64_t i = begin; i < end; ++i)
+      for (int j = 0; j < 2000000; ++j) sink = sink + j;
+    const std::lock_guard<std::mutex> lock(mutex);
+    threads.insert(std::this_thread::get_id());
+  });
+  return static_cast<int64_t>(threads.size());
+}
+
 py::dict build_info() {
   py::dict info;
   info["torch_version"] = DENSE_OPS_TORCH_VERSION;
+  info["parallel_backend"] = kParallelBackend;
+  info["parallel_kernels"] = kParallelKernels;
 #ifdef DENSE_OPS_WITH_CUDA
   info["cuda"] = true;
   info["cuda_version"] = std::to_string(CUDA_VERSION / 1000) + "." + std::to_string(CUDA_VERSION / 10 % 100);
@@ -64,4 +109,9 @@ py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dense_ops compiled kernels (operators live in torch.ops.dense_ops)";
   m.def("build_info", &build_info, "What this build of dense_ops was compiled with");
+  m.def("layer_param_names", [] {
+    return std::vector<std::string>(dense_ops::kLayerParamNames, dense_ops::kLayerParamNames + dense_ops::kNumLayerParams);
+  }, "Names of a layer's entries in dense_block's flat layer_params list, in order");
+  m.def("_parallel_for_threads", &parallel_for_threads,
+        "Distinct threads used by an at::parallel_for compiled into the extension (a test probe)");
 }

@@ -1,0 +1,58 @@
+"""The CPU kernels run in parallel, and their results do not depend on the thread count."""
+import re
+
+import pytest
+import torch
+
+import dense_ops
+from helpers import block_pair, run_step
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def torch_parallel_backend():
+    return re.search(r"ATen parallel backend: (\w+)", torch.__config__.parallel_info()).group(1)
+
+
+def test_build_info_reports_the_parallel_backend():
+    info = dense_ops.build_info()
+    assert info["parallel_backend"] == {"OpenMP": "OpenMP", "native": "native thread pool"}[torch_parallel_backend()]
+    assert info["parallel_kernels"] is True
+
+
+def test_extension_parallel_for_uses_torchs_threads(restore_threads):
+    torch.set_num_threads(2)
+    assert dense_ops._C._parallel_for_threads(8) == 2
+    torch.set_num_threads(1)
+    assert dense_ops._C._parallel_for_threads(8) == 1
+
+
+@pytest.mark.parametrize("recompute", ["bn_relu", "bottleneck"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_results_are_bitwise_identical_for_any_thread_count(recompute, channels_last, restore_threads):
+    _, ours = block_pair(num_layers=3, in_channels=6, bn_size=2, growth=4, dtype=torch.float32, recompute=recompute)
+    x = torch.randn(5, 6, 9, 9)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(5, 6 + 3 * 4, 9, 9)
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        block = ours.__class__(3, 6, 2, 4, 0.0, recompute=recompute)
+        block.load_state_dict(ours.state_dict())
+        results.append(run_step(block, x, grad))
+    for got in results[1:]:
+        for a, b in zip(got[:2], results[0][:2]):
+            assert torch.equal(a, b)
+        for part in (2, 3):
+            for name in got[part]:
+                if name.endswith("conv2.weight"):
+                    # ATen's 3x3 convolution (oneDNN) splits its weight-gradient reduction by thread
+                    # count; everything else here is ours: BN kernels and the 1x1 conv GEMMs.
+                    continue
+                assert torch.equal(got[part][name], results[0][part][name]), name
