@@ -20,6 +20,29 @@ struct BnParams {
   double eps;
 };
 
+// Position of each parameter of a layer in the flat `layer_params` list: the one definition
+// of the layout (Python reads it through dense_ops._C.layer_param_names()).
+enum LayerParam : int64_t {
+  kNorm1Weight, kNorm1Bias, kNorm1Mean, kNorm1Var, kConv1Weight,
+  kNorm2Weight, kNorm2Bias, kNorm2Mean, kNorm2Var, kConv2Weight,
+  kNumLayerParams
+};
+constexpr const char* kLayerParamNames[kNumLayerParams] = {
+    "norm1.weight", "norm1.bias", "norm1.running_mean", "norm1.running_var", "conv1.weight",
+    "norm2.weight", "norm2.bias", "norm2.running_mean", "norm2.running_var", "conv2.weight"};
+
+inline int64_t params_per_layer(bool bottleneck) { return bottleneck ? kNumLayerParams : kConv1Weight + 1; }
+
+// Statistics, BN parameters as the kernels read them and accumulated gradients: float64 for
+// float64 input, float32 otherwise (float16/bfloat16 accumulate in float32).
+inline at::ScalarType stats_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
+// What backward recomputes: "bn_relu" keeps each bottleneck output (conv1's) for backward,
+// "bottleneck" keeps only the features and recomputes conv1 too. A call that needs no
+// backward passes "bottleneck": then nothing but the features is kept.
+enum class Recompute { kBnRelu, kBottleneck };
+Recompute parse_recompute(c10::string_view level);
+
 // All tensors passed to a kernel are 4-D [N, C, H, W] views laid out either NCHW-like
 // (unit stride over H*W) or channels-last (unit stride over C), as `channels_last` says.
 struct BnKernels {
@@ -45,8 +68,8 @@ using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector
 
 ForwardResult dense_block_forward(const at::Tensor& input, at::TensorList layer_params,
                                   const std::optional<at::Tensor>& dropout_mask, bool bottleneck, bool training,
-                                  bool keep_bottleneck, double eps, const std::optional<c10::string_view>& sync_group,
-                                  const BnKernels& kernels);
+                                  c10::string_view recompute, double eps,
+                                  const std::optional<c10::string_view>& sync_group, const BnKernels& kernels);
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> dense_block_backward(
     const at::Tensor& grad_features, const at::Tensor& features, const at::Tensor& batch_mean,
@@ -63,10 +86,10 @@ template <const BnKernels& (*device_kernels)()>
 void register_dense_block_ops(torch::Library& m) {
   m.impl("dense_block_forward",
          [](const at::Tensor& input, at::TensorList layer_params, const std::optional<at::Tensor>& dropout_mask,
-            bool bottleneck, bool training, bool keep_bottleneck, double eps,
+            bool bottleneck, bool training, c10::string_view recompute, double eps,
             const std::optional<c10::string_view>& sync_group) {
            const at::AutoDispatchBelowADInplaceOrView below_autograd;  // our internal ATen calls are not recorded
-           return dense_block_forward(input, layer_params, dropout_mask, bottleneck, training, keep_bottleneck, eps,
+           return dense_block_forward(input, layer_params, dropout_mask, bottleneck, training, recompute, eps,
                                       sync_group, device_kernels());
          });
   m.impl("dense_block_backward",

@@ -79,9 +79,9 @@ def dense_block(input: torch.Tensor, layer_params: Sequence[torch.Tensor], *, bo
         dropout_mask = dropout_mask.bernoulli_(keep).div_(keep) if keep > 0 else dropout_mask.zero_()
 
     needs_grad = torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in params))
-    keep_bottleneck = bottleneck and needs_grad and recompute == "bn_relu"
+    kept_for_backward = recompute if needs_grad else "bottleneck"  # with no backward, keep nothing
     features, batch_mean, batch_var, _, bottleneck_mean, bottleneck_var = ops.dense_block_forward(
-        input, params, dropout_mask, bottleneck, training, keep_bottleneck, eps, sync_group)
+        input, params, dropout_mask, bottleneck, training, kept_for_backward, eps, sync_group)
 
     count = input.shape[0] * input.shape[2] * input.shape[3]
     if training and sync_group is not None:
@@ -107,7 +107,7 @@ def _update_running_stats(layer_params, per_layer, batch_mean, batch_var, bottle
     variances = [p[3] for p in norm1]
     batch_means = [batch_mean[:m.shape[0]] for m in means]
     batch_vars = [batch_var[:m.shape[0]] for m in means]
-    if per_layer == 10:
+    if per_layer == len(ops.PARAM_NAMES):  # with a bottleneck: norm2's statistics too
         means += [p[7] for p in norm1]
         variances += [p[8] for p in norm1]
         batch_means += list(bottleneck_mean.unbind(0))

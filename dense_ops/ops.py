@@ -8,16 +8,16 @@ from __future__ import annotations
 import torch
 from torch._prims_common import suggest_memory_format
 
-# Position of each parameter of a layer in the flat layer_params list (csrc/dense_block.cpp).
-PARAM_NAMES = (
-    "norm1.weight", "norm1.bias", "norm1.running_mean", "norm1.running_var", "conv1.weight",
-    "norm2.weight", "norm2.bias", "norm2.running_mean", "norm2.running_var", "conv2.weight",
-)
-RUNNING_STAT_SLOTS = frozenset({2, 3, 7, 8})
+from . import _C
+
+# Position of each parameter of a layer in the flat layer_params list, as the C++ op defines
+# it (csrc/dense_block.h, LayerParam); a layer without a bottleneck has the first five.
+PARAM_NAMES = tuple(_C.layer_param_names())
+RUNNING_STAT_SLOTS = frozenset(i for i, name in enumerate(PARAM_NAMES) if ".running_" in name)
 
 
 def params_per_layer(bottleneck: bool) -> int:
-    return 10 if bottleneck else 5
+    return len(PARAM_NAMES) if bottleneck else PARAM_NAMES.index("conv1.weight") + 1
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,7 +47,7 @@ def _empty(shape, like, dtype=None, memory_format=torch.contiguous_format):
 
 
 @torch.library.register_fake("dense_ops::dense_block_forward")
-def _dense_block_forward_fake(input, layer_params, dropout_mask, bottleneck, training, keep_bottleneck, eps,
+def _dense_block_forward_fake(input, layer_params, dropout_mask, bottleneck, training, recompute, eps,
                               sync_group=None):
     _check_devices("dense_block_forward", input, layer_params=layer_params, dropout_mask=dropout_mask)
     num_layers, growth, width = _block_geometry(input, layer_params, bottleneck)
@@ -57,7 +57,7 @@ def _dense_block_forward_fake(input, layer_params, dropout_mask, bottleneck, tra
     stat_channels = c0 + num_layers * growth if training else 0
     features = _empty((n, c0 + num_layers * growth, h, w), input, memory_format=fmt)
     saved = [_empty((n, width, h, w), input, memory_format=fmt) for _ in range(num_layers)] \
-        if (bottleneck and keep_bottleneck) else []
+        if (bottleneck and recompute == "bn_relu") else []
     stat_width = width if training else 0
     return (features, _empty((stat_channels,), input, acc), _empty((stat_channels,), input, acc), saved,
             _empty((num_layers, stat_width), input, acc), _empty((num_layers, stat_width), input, acc))
@@ -81,7 +81,7 @@ def _dense_block_backward_fake(grad_features, features, batch_mean, batch_var, s
     grads = []
     for i, p in enumerate(layer_params):
         if layer_needs_grad[i // per_layer] and i % per_layer not in RUNNING_STAT_SLOTS:
-            grads.append(torch.empty_like(p))
+            grads.append(torch.empty_like(p))  # in p's layout, as the real op returns them
         else:
             grads.append(_empty((0,), features, acc))
     return grad_input, grads
@@ -93,7 +93,7 @@ def _update_running_stats_fake(running_mean, running_var, batch_mean, batch_var,
 
 
 def _setup_context(ctx, inputs, output):
-    input, layer_params, dropout_mask, bottleneck, training, keep_bottleneck, eps, sync_group = inputs
+    input, layer_params, dropout_mask, bottleneck, training, recompute, eps, sync_group = inputs
     features, batch_mean, batch_var, saved_bottleneck, bottleneck_mean, bottleneck_var = output
     per_layer = params_per_layer(bottleneck)
     # Only the features are differentiable; never materialize zero gradients for the rest
@@ -142,12 +142,13 @@ def _backward(ctx, grad_features, *_unused_stat_grads):
 torch.library.register_autograd("dense_ops::dense_block_forward", _backward, setup_context=_setup_context)
 
 
-def dense_block_forward(input, layer_params, dropout_mask, bottleneck, training, keep_bottleneck, eps,
+def dense_block_forward(input, layer_params, dropout_mask, bottleneck, training, recompute, eps,
                         sync_group=None):
     """Runs the whole block; returns (features, batch_mean, batch_var, saved_bottleneck,
-    bottleneck_mean, bottleneck_var). See csrc/dense_ops.cpp for the schema."""
+    bottleneck_mean, bottleneck_var). recompute: "bn_relu" keeps the bottleneck outputs in
+    saved_bottleneck, "bottleneck" keeps nothing but the features. See csrc/dense_ops.cpp."""
     return torch.ops.dense_ops.dense_block_forward(input, layer_params, dropout_mask, bottleneck, training,
-                                                   keep_bottleneck, eps, sync_group)
+                                                   recompute, eps, sync_group)
 
 
 def update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count):

@@ -19,26 +19,27 @@ def flat_params(block, requires_grad=True):
     return params
 
 
-def forward_args(bn_size, training, keep, channels_last=False, dropout=False):
+def forward_args(bn_size, training, recompute, channels_last=False, dropout=False):
     _, block = block_pair(num_layers=2, in_channels=3, bn_size=bn_size, growth=2)
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     mask = torch.bernoulli(torch.full((2, 4, 4, 4), 0.7, dtype=torch.float64)) / 0.7 if dropout else None
-    return (x.requires_grad_(), flat_params(block), mask, bool(bn_size), training, keep, 1e-5)
+    return (x.requires_grad_(), flat_params(block), mask, bool(bn_size), training, recompute, 1e-5)
 
 
 @pytest.mark.parametrize("bn_size", [2, None], ids=["bottleneck", "basic"])
-@pytest.mark.parametrize("training,keep", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("recompute", ["bn_relu", "bottleneck"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_opcheck_forward(bn_size, training, keep, channels_last):
-    args = forward_args(bn_size, training, keep, channels_last, dropout=training)
+def test_opcheck_forward(bn_size, training, recompute, channels_last):
+    args = forward_args(bn_size, training, recompute, channels_last, dropout=training)
     torch.library.opcheck(torch.ops.dense_ops.dense_block_forward.default, args)
 
 
 @pytest.mark.parametrize("training", [True, False])
 def test_opcheck_backward(training):
-    x, params, mask, bottleneck, _, keep, eps = forward_args(2, training, True)
+    x, params, mask, bottleneck, _, keep, eps = forward_args(2, training, "bn_relu")
     with torch.no_grad():
         out = torch.ops.dense_ops.dense_block_forward(x, params, mask, bottleneck, training, keep, eps)
     features, mean, var, saved, mean2, var2 = out
@@ -133,7 +134,7 @@ def test_meta_tensors_give_shapes_like_torchvision():
 
 
 def test_op_checks_in_cpp():
-    x, params, mask, bottleneck, training, keep, eps = forward_args(2, True, True)
+    x, params, mask, bottleneck, training, keep, eps = forward_args(2, True, "bn_relu")
     bad = list(params)
     bad[0] = bad[0][:-1]  # norm1.weight of layer 0 one element short
     with pytest.raises(RuntimeError, match="layer 0 norm1.weight must be a 1-D tensor of 3 elements"):
@@ -145,6 +146,8 @@ def test_op_checks_in_cpp():
                                                 training, keep, eps)
     with pytest.raises(RuntimeError, match="eps must be positive"):
         torch.ops.dense_ops.dense_block_forward(x, params, mask, bottleneck, training, keep, 0.0)
+    with pytest.raises(RuntimeError, match="recompute must be 'bn_relu' or 'bottleneck', got 'all'"):
+        torch.ops.dense_ops.dense_block_forward(x, params, mask, bottleneck, training, "all", eps)
     with pytest.raises(RuntimeError, match="count must be > 1"):
         torch.ops.dense_ops.update_running_stats([torch.zeros(2)], [torch.ones(2)], [torch.zeros(2)], [torch.ones(2)],
                                                  [0.1], 1)
@@ -154,7 +157,7 @@ def test_op_checks_in_cpp():
 
 def backward_args(training=True):
     """Keyword arguments of a valid dense_block_backward call (bottleneck, float64, 2 layers)."""
-    x, params, mask, bottleneck, _, keep, eps = forward_args(2, training, True, dropout=training)
+    x, params, mask, bottleneck, _, keep, eps = forward_args(2, training, "bn_relu", dropout=training)
     with torch.no_grad():
         out = torch.ops.dense_ops.dense_block_forward(x, params, mask, bottleneck, training, keep, eps)
     features, mean, var, saved, mean2, var2 = out
@@ -211,7 +214,7 @@ def test_backward_checks_devices(name):
                                         (19, "layer 1 conv2.weight")])
 def test_forward_checks_devices(index, name):
     # As above: a meta tensor sent to the CPU kernel stands in for a tensor on another device.
-    x, params, mask, bottleneck, training, keep, eps = forward_args(2, True, True, dropout=True)
+    x, params, mask, bottleneck, training, keep, eps = forward_args(2, True, "bn_relu", dropout=True)
     params = [p.detach() for p in params]
     cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
     forward = torch.ops.dense_ops.dense_block_forward.default

@@ -1,0 +1,79 @@
+// The state of one dense block call, shared by the algorithm (dense_block.cpp) and the
+// bottleneck strategies (bottleneck_conv.cpp). Internal to the extension.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "block_checks.h"
+#include "dense_block.h"
+#include "stat_sync.h"
+
+namespace dense_ops {
+
+// How a bottleneck layer runs BN1-ReLU-conv1x1 without a batch-sized BN1-ReLU copy (DESIGN.md,
+// "Device strategies in one place"):
+//   kPerSample: sample ranges on parallel CPU threads, one sample's GEMM at a time (CPU);
+//   kBatched:   chunks of samples in turn, one GEMM per chunk (CUDA: few, large launches).
+// Chosen per device by bottleneck_strategy(); DENSE_OPS_BOTTLENECK=batched|per_sample forces one.
+enum class BottleneckStrategy { kPerSample, kBatched };
+
+// kPerSample splits the batch into this many sample ranges (fewer for a smaller batch), whatever
+// the thread count, so that per-range partial sums, added in range order, give bitwise the same
+// gradients for any number of threads.
+constexpr int64_t kSampleRanges = 16;
+BottleneckStrategy bottleneck_strategy(const at::Tensor& features);
+
+// The batched strategy's BN1-ReLU scratch holds as many samples as fit in this many bytes (at
+// least one; at most the batch): 64 MiB, or DENSE_OPS_BATCHED_SCRATCH_BYTES where set (tests
+// use it to make small blocks run in several chunks).
+int64_t batched_scratch_bytes();
+
+at::Tensor channels_view(const at::Tensor& flat, int64_t offset, int64_t batch, int64_t channels, int64_t height,
+                         int64_t width, at::MemoryFormat format);
+
+struct Block {
+  BlockShape shape;
+  at::TensorList params;
+  bool bottleneck, training, channels_last;
+  double eps;
+  at::MemoryFormat format;
+  at::ScalarType acc;  // stats_dtype of the input
+  const BnKernels& kernels;
+  const StatSync& sync;
+  BottleneckStrategy strategy;
+  at::Tensor features, batch_mean, batch_var, bottleneck_mean, bottleneck_var;
+  // BN1-ReLU outputs: with a bottleneck, `scratch_samples` samples' worth (one per sample range
+  // for kPerSample, one chunk for kBatched); without, the whole batch.
+  at::Tensor scratch;
+  int64_t scratch_samples = 0;
+
+  int64_t count() const { return sync.count(); }  // over the process group when synchronized
+  at::Tensor inputs(int64_t l) const { return features.narrow(1, 0, shape.channels(l)); }
+  // The BN1-ReLU output of layer l for `samples` samples, starting at scratch sample `slot`.
+  at::Tensor z1(int64_t l, int64_t slot, int64_t samples) const {
+    const int64_t per_sample = shape.channels(shape.num_layers - 1) * shape.height * shape.width;
+    return channels_view(scratch, slot * per_sample, samples, shape.channels(l), shape.height, shape.width, format);
+  }
+  // Batch-norm parameters: batch statistics in training, the layer's running statistics in eval mode.
+  BnParams bn1(int64_t l) const;
+  BnParams bn2(int64_t l) const;
+  const at::Tensor& weight(int64_t l, LayerParam which) const { return param(params, bottleneck, l, which); }
+  at::Tensor empty(int64_t channels, at::ScalarType dtype) const {
+    return at::empty({shape.batch, channels, shape.height, shape.width},
+                     features.options().dtype(dtype).memory_format(format));
+  }
+  // Allocates the BN1-ReLU scratch for the block's strategy.
+  void allocate_scratch();
+};
+
+// BN1-ReLU-conv1x1 of bottleneck layer l into `out` ([N, bottleneck_width, H, W]).
+void bottleneck_forward(const Block& b, int64_t l, const at::Tensor& out);
+
+// Its backward given grad_out, the gradient of `out`: recomputes BN1-ReLU, adds conv1's
+// weight gradient to grad_conv1 (stats dtype; undefined when not needed), and runs the fused
+// BN1-ReLU backward into the block's accumulator and the layer's sums (float64).
+void bottleneck_backward(const Block& b, int64_t l, const at::Tensor& grad_out, const at::Tensor& accumulated,
+                         bool accumulate, const at::Tensor& grad_conv1, const at::Tensor& sum_dy_xhat,
+                         const at::Tensor& sum_dy);
+
+}  // namespace dense_ops

@@ -1,0 +1,216 @@
+// The bottleneck layers' BN1-ReLU-conv1x1 and its backward, in the two device strategies of
+// block.h. Both write the conv straight into the block's buffers and never hold the BN1-ReLU
+// output of more samples than the scratch.
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "block.h"
+
+namespace dense_ops {
+
+BottleneckStrategy bottleneck_strategy(const at::Tensor& features) {
+  const char* forced = std::getenv("DENSE_OPS_BOTTLENECK");
+  if (forced != nullptr && *forced != '\0') {
+    const std::string name(forced);
+    TORCH_CHECK(name == "batched" || name == "per_sample",
+                "DENSE_OPS_BOTTLENECK must be 'batched' or 'per_sample' (or unset), got '", name, "'");
+    return name == "batched" ? BottleneckStrategy::kBatched : BottleneckStrategy::kPerSample;
+  }
+  return features.is_cpu() ? BottleneckStrategy::kPerSample : BottleneckStrategy::kBatched;
+}
+
+int64_t batched_scratch_bytes() {
+  const char* forced = std::getenv("DENSE_OPS_BATCHED_SCRATCH_BYTES");
+  if (forced == nullptr || *forced == '\0') return int64_t(64) << 20;
+  char* end = nullptr;
+  const long long bytes = std::strtoll(forced, &end, 10);
+  TORCH_CHECK(*end == '\0' && bytes > 0, "DENSE_OPS_BATCHED_SCRATCH_BYTES must be a positive integer, got '",
+              forced, "'");
+  return bytes;
+}
+
+at::Tensor channels_view(const at::Tensor& flat, int64_t offset, int64_t batch, int64_t channels, int64_t height,
+                         int64_t width, at::MemoryFormat format) {
+  auto view = flat.narrow(0, offset, batch * channels * height * width);
+  if (format == at::MemoryFormat::ChannelsLast) return view.view({batch, height, width, channels}).permute({0, 3, 1, 2});
+  return view.view({batch, channels, height, width});
+}
+
+void Block::allocate_scratch() {
+  const BlockShape& s = shape;
+  const int64_t per_sample = s.channels(s.num_layers - 1) * s.height * s.width;
+  if (!bottleneck) {
+    scratch_samples = s.batch;
+  } else if (strategy == BottleneckStrategy::kPerSample) {
+    scratch_samples = std::min(s.batch, kSampleRanges);
+  } else {
+    const int64_t bytes = std::max<int64_t>(1, per_sample * features.element_size());
+    scratch_samples = std::max<int64_t>(1, std::min<int64_t>(s.batch, batched_scratch_bytes() / bytes));
+  }
+  scratch = at::empty({scratch_samples * per_sample}, features.options());
+}
+
+namespace {
+
+// acc += a @ b, accumulated in acc's dtype (float32 for float16/bfloat16 operands).
+void add_matmul(const at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  if (acc.scalar_type() == a.scalar_type()) {
+    acc.addmm_(a, b);
+  } else {
+    acc.add_(at::mm(a, b));
+  }
+}
+
+at::Tensor weight_matrix(const at::Tensor& weight) { return weight.reshape({weight.size(0), weight.size(1)}); }
+
+// ---- kPerSample: one sample's GEMM at a time, sample ranges on parallel threads ------------
+
+// The [C, H*W] matrix of a one-sample [1, C, H, W] tensor, as a view in either layout
+// (transposed strides for channels-last), so that GEMM outputs land in our buffers.
+at::Tensor sample_matrix(const at::Tensor& sample) { return sample.permute({0, 2, 3, 1}).view({-1, sample.size(1)}).t(); }
+
+// Runs body(range, n_begin, n_end) over the batch split into one contiguous sample range per
+// scratch slot, the ranges on parallel threads and everything inside serially: one large
+// parallel region instead of several small ones per sample. The split depends on neither the
+// thread count nor scheduling, so per-range partial sums add up deterministically.
+template <typename Body>
+void for_sample_ranges(const Block& b, const Body& body) {
+  const int64_t ranges = b.scratch_samples, batch = b.shape.batch;
+  const at::ThreadLocalState caller;  // worker threads run our ATen calls as the caller does (below autograd)
+  at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
+    const at::ThreadLocalStateGuard as_caller(caller);
+    for (int64_t r = r0; r < r1; ++r) body(r, batch * r / ranges, batch * (r + 1) / ranges);
+  });
+}
+
+void forward_per_sample(const Block& b, int64_t l, const at::Tensor& out) {
+  const BnParams bn1 = b.bn1(l);
+  const at::Tensor weight = weight_matrix(b.weight(l, kConv1Weight)), x = b.inputs(l);
+  for_sample_ranges(b, [&](int64_t r, int64_t n_begin, int64_t n_end) {
+    const at::Tensor z = b.z1(l, r, 1), z_matrix = sample_matrix(z);
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      b.kernels.bn_relu_forward(x.narrow(0, n, 1), bn1, z, b.channels_last);
+      at::Tensor out_matrix = sample_matrix(out.narrow(0, n, 1));
+      at::mm_out(out_matrix, weight, z_matrix);
+    }
+  });
+}
+
+void backward_per_sample(const Block& b, int64_t l, const at::Tensor& grad_out, const at::Tensor& accumulated,
+                         bool accumulate, const at::Tensor& grad_conv1, const at::Tensor& sum_dy_xhat,
+                         const at::Tensor& sum_dy) {
+  const BnParams bn1 = b.bn1(l);
+  const int64_t c = b.shape.channels(l), ranges = b.scratch_samples;
+  const at::Tensor weight = weight_matrix(b.weight(l, kConv1Weight));
+  const at::Tensor x = b.inputs(l), acc_inputs = accumulated.narrow(1, 0, c);
+  // Per-range partial sums, added up in range order below.
+  const at::Tensor partial_sums = at::zeros({ranges, 2, c}, sum_dy.options());
+  const at::Tensor partial_grad_conv1 =
+      grad_conv1.defined() ? at::zeros({ranges, grad_conv1.size(0), c}, grad_conv1.options()) : at::Tensor();
+  for_sample_ranges(b, [&](int64_t r, int64_t n_begin, int64_t n_end) {
+    const at::Tensor z = b.z1(l, r, 1), z_matrix = sample_matrix(z);
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      const at::Tensor x_n = x.narrow(0, n, 1), grad_matrix = sample_matrix(grad_out.narrow(0, n, 1));
+      b.kernels.bn_relu_forward(x_n, bn1, z, b.channels_last);
+      if (grad_conv1.defined()) add_matmul(partial_grad_conv1[r], grad_matrix, z_matrix.t());
+      at::Tensor dz_matrix = z_matrix;  // z now receives the gradient of the BN1-ReLU output
+      at::mm_out(dz_matrix, weight.t(), grad_matrix);
+      b.kernels.bn_relu_backward(x_n, z, bn1, acc_inputs.narrow(0, n, 1), accumulate, partial_sums[r][0],
+                                 partial_sums[r][1], b.channels_last);
+    }
+  });
+  const at::Tensor sums = partial_sums.sum(0);
+  sum_dy_xhat.add_(sums[0]);
+  sum_dy.add_(sums[1]);
+  if (grad_conv1.defined()) grad_conv1.add_(partial_grad_conv1.sum(0));
+}
+
+// ---- kBatched: chunks of samples, one GEMM per chunk ------------------------------------
+
+// A chunk of samples as GEMM operands. Channels-last: one [chunk*H*W, C] row-major matrix
+// (mm). NCHW: a batch of [C, H*W] matrices (bmm).
+at::Tensor chunk_rows(const at::Tensor& chunk) {  // channels-last only
+  return chunk.permute({0, 2, 3, 1}).view({-1, chunk.size(1)});
+}
+at::Tensor chunk_planes(const at::Tensor& chunk) {  // NCHW only
+  return chunk.view({chunk.size(0), chunk.size(1), -1});
+}
+
+template <typename Body>
+void for_chunks(const Block& b, const Body& body) {
+  for (int64_t n = 0; n < b.shape.batch; n += b.scratch_samples) body(n, std::min(b.scratch_samples, b.shape.batch - n));
+}
+
+// out = weight @ z for every sample of the chunk.
+void chunk_conv(const at::Tensor& weight, const at::Tensor& z, const at::Tensor& out, bool channels_last) {
+  if (channels_last) {
+    at::Tensor rows = chunk_rows(out);
+    at::mm_out(rows, chunk_rows(z), weight.t());
+  } else {
+    at::Tensor planes = chunk_planes(out);
+    at::bmm_out(planes, weight.expand({z.size(0), weight.size(0), weight.size(1)}), chunk_planes(z));
+  }
+}
+
+// grad_weight += sum over the chunk of grad_out @ z^T, in grad_weight's dtype.
+void chunk_weight_grad(const at::Tensor& grad_out, const at::Tensor& z, const at::Tensor& grad_weight,
+                       bool channels_last) {
+  if (channels_last) {
+    add_matmul(grad_weight, chunk_rows(grad_out).t(), chunk_rows(z));
+  } else {
+    grad_weight.add_(at::bmm(chunk_planes(grad_out), chunk_planes(z).transpose(1, 2)).sum(0, false, grad_weight.scalar_type()));
+  }
+}
+
+void forward_batched(const Block& b, int64_t l, const at::Tensor& out) {
+  const BnParams bn1 = b.bn1(l);
+  const at::Tensor weight = weight_matrix(b.weight(l, kConv1Weight)), x = b.inputs(l);
+  for_chunks(b, [&](int64_t n, int64_t samples) {
+    const at::Tensor z = b.z1(l, 0, samples);
+    b.kernels.bn_relu_forward(x.narrow(0, n, samples), bn1, z, b.channels_last);
+    chunk_conv(weight, z, out.narrow(0, n, samples), b.channels_last);
+  });
+}
+
+void backward_batched(const Block& b, int64_t l, const at::Tensor& grad_out, const at::Tensor& accumulated,
+                      bool accumulate, const at::Tensor& grad_conv1, const at::Tensor& sum_dy_xhat,
+                      const at::Tensor& sum_dy) {
+  const BnParams bn1 = b.bn1(l);
+  const int64_t c = b.shape.channels(l);
+  const at::Tensor weight = weight_matrix(b.weight(l, kConv1Weight)), x = b.inputs(l);
+  const at::Tensor acc_inputs = accumulated.narrow(1, 0, c);
+  for_chunks(b, [&](int64_t n, int64_t samples) {
+    const at::Tensor z = b.z1(l, 0, samples), x_chunk = x.narrow(0, n, samples);
+    const at::Tensor grad_chunk = grad_out.narrow(0, n, samples);
+    b.kernels.bn_relu_forward(x_chunk, bn1, z, b.channels_last);
+    if (grad_conv1.defined()) chunk_weight_grad(grad_chunk, z, grad_conv1, b.channels_last);
+    chunk_conv(weight.t(), grad_chunk, z, b.channels_last);  // z now receives the gradient of the BN1-ReLU output
+    b.kernels.bn_relu_backward(x_chunk, z, bn1, acc_inputs.narrow(0, n, samples), accumulate, sum_dy_xhat, sum_dy,
+                               b.channels_last);
+  });
+}
+
+}  // namespace
+
+void bottleneck_forward(const Block& b, int64_t l, const at::Tensor& out) {
+  if (b.strategy == BottleneckStrategy::kBatched) {
+    forward_batched(b, l, out);
+  } else {
+    forward_per_sample(b, l, out);
+  }
+}
+
+void bottleneck_backward(const Block& b, int64_t l, const at::Tensor& grad_out, const at::Tensor& accumulated,
+                         bool accumulate, const at::Tensor& grad_conv1, const at::Tensor& sum_dy_xhat,
+                         const at::Tensor& sum_dy) {
+  if (b.strategy == BottleneckStrategy::kBatched) {
+    backward_batched(b, l, grad_out, accumulated, accumulate, grad_conv1, sum_dy_xhat, sum_dy);
+  } else {
+    backward_per_sample(b, l, grad_out, accumulated, accumulate, grad_conv1, sum_dy_xhat, sum_dy);
+  }
+}
+
+}  // namespace dense_ops
