@@ -1,5 +1,6 @@
 # make test / make bench: create the virtual environment if missing, install torch and the
 # test/bench dependencies, build and install dense-ops (editable), then run.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 DEPS := ninja setuptools wheel pytest hypothesis expecttest numpy matplotlib tqdm scikit-learn
 export MAX_JOBS ?= 2
 
-.PHONY: test bench install deps clean
+.PHONY: test bench install deps clean test-cuda-sim cuda-sim-mutants gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,28 @@ bench: install
 
 clean:
 	rm -rf build dist *.egg-info dense_ops/*.so
+
+# make test-cuda-sim: the kernels of csrc/cuda, and the whole dense block through the CUDA strategy,
+# executed on the CPU by cudasim/ (see cudasim/README.md) against the CPU kernels and torchvision.
+# No GPU needed; its own build (g++ of the rewritten .cu sources) goes to CUDASIM_OUT.
+CUDASIM_OUT ?= build/cudasim
+CUDASIM = $(MAKE) -C cudasim PY=$(abspath $(PY)) DENSE_OPS_ROOT=$(CURDIR) CUDASIM_OUT=$(abspath $(CUDASIM_OUT))
+test-cuda-sim: deps
+	$(CUDASIM) test-cuda-sim
+
+# make cuda-sim-mutants: plants one bug at a time in the kernels (a removed __syncthreads, an offset
+# threadIdx.x, ...) and checks that test-cuda-sim fails on each; rebuilds per mutant (minutes).
+cuda-sim-mutants: deps
+	$(CUDASIM) mutants
+
+# make gpu-check OUT=<dir> [DEVICE=cpu]: on a GPU machine (nvcc and a preinstalled CUDA torch, no
+# network; its python3 by default) builds for the visible GPU, runs every test on CUDA and the GPU
+# benchmark; DEVICE=cpu is the dry run here, in $(VENV). See benchmarks/gpu_check.sh.
+DEVICE ?= cuda
+GPU_PY ?= $(if $(filter cpu,$(DEVICE)),$(abspath $(PY)),python3)
+gpu-check: $(if $(filter cpu,$(DEVICE)),deps)
+	@test -n "$(OUT)" || { echo "make gpu-check: set OUT=<dir>"; exit 2; }
+	benchmarks/gpu_check.sh $(OUT) $(DEVICE) $(GPU_PY)
 
 # make sanitize: builds a copy of the extension with AddressSanitizer + UBSan (in build/sanitize, so the
 # normal build is untouched) and runs the CPU tests of the C++ kernels against it. Not part of `make test`.

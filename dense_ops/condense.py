@@ -217,6 +217,7 @@ class CondensedConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_channels, kept_per_group, 1, 1))
         nn.init.kaiming_normal_(self.weight)
         self.register_buffer("index", torch.arange(groups * kept_per_group) % in_channels)
+        self._folded, self._folded_key = None, None  # folded_norm's cache
 
     @classmethod
     def from_learned(cls, layer: LearnedGroupConv) -> "CondensedConv":
@@ -239,8 +240,40 @@ class CondensedConv(nn.Module):
         return new.to(layer.conv.weight.dtype)
 
     def folded_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The eval-mode BN as one affine map per gathered channel: (scale, shift)."""
-        return fold_batch_norm(self.norm)
+        """The eval-mode BN as one affine map per gathered channel: (scale, shift). Cached until a
+        BN tensor's storage changes (replaced, moved, cast) or it is changed in place (its version
+        counter moves)."""
+        if torch.compiler.is_compiling():  # compiled graphs fold it once themselves
+            return fold_batch_norm(self.norm)
+        norm = self.norm
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var)
+                    if t is not None) + (norm.eps,)
+        if self._folded_key != key:
+            with torch.no_grad():
+                self._folded = fold_batch_norm(norm)
+            self._folded_key = key
+        return self._folded
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A bad index would read outside the input: the CPU op raises, but on CUDA the kernel's
+        # device assert kills the process's CUDA context, so it is rejected here, on the host.
+        index = state_dict.get(prefix + "index")
+        if index is not None:
+            problem = self._index_problem(index)
+            if problem:
+                error_msgs.append(f"{prefix}index: {problem}")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _index_problem(self, index: torch.Tensor) -> str | None:
+        expected = self.groups * self.kept_per_group
+        if index.dim() != 1 or index.numel() != expected or index.dtype != torch.int64:
+            return f"expected {expected} int64 input-channel indices, got {index.dtype} of shape {tuple(index.shape)}"
+        if index.numel() and not (0 <= int(index.min()) and int(index.max()) < self.in_channels):
+            return f"indices must be in [0, {self.in_channels}), got [{int(index.min())}, {int(index.max())}]"
+        return None
 
     def _needs_reference(self, x: torch.Tensor, *modules: nn.Module) -> bool:
         modules = (self, *modules)

@@ -185,9 +185,9 @@ def test_condensed_conv_device_mismatch():
     layer = condensed_layer(dtype=torch.float32, device="cuda")
     index, scale, shift, weight, groups = op_args(layer)
     x = torch.randn(1, 12, 2, 2, device="cuda")
-    with pytest.raises(RuntimeError, match="all tensors must be on the input's device"):
+    with pytest.raises(RuntimeError, match="condensed_conv: index must be a CUDA tensor, got one on cpu"):
         dense_ops.ops.condensed_conv(x, index.cpu(), scale, shift, weight, groups)
-    with pytest.raises(RuntimeError, match="out must have the input's dtype and device"):
+    with pytest.raises(RuntimeError, match="condensed_conv_into: out must be a CUDA tensor, got one on cpu"):
         dense_ops.ops.condensed_conv_into(x, index, scale, shift, weight, groups, torch.zeros(1, 11, 2, 2), 3)
 
 
@@ -569,3 +569,28 @@ def test_condensed_model_on_cuda_matches_cpu():
         expected = converted(x)
         actual = copy.deepcopy(converted).cuda()(x.cuda()).cpu()
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_condensed_conv_rejects_a_bad_index_when_loaded():
+    layer = condensed_layer()
+    state = layer.state_dict()
+    state["index"] = state["index"].clone()
+    state["index"][3] = 12  # in_channels is 12
+    with pytest.raises(RuntimeError, match=r"index: indices must be in \[0, 12\), got \[\d+, 12\]"):
+        layer.load_state_dict(state)
+    state["index"] = state["index"][:-1]
+    with pytest.raises(RuntimeError, match="index: expected 8 int64 input-channel indices"):
+        layer.load_state_dict(state)
+
+
+def test_folded_norm_is_cached_until_the_norm_changes():
+    layer = condensed_layer()
+    scale, shift = layer.folded_norm()
+    assert layer.folded_norm()[0] is scale  # cached
+    with torch.no_grad():
+        layer.norm.running_var.mul_(4)  # in place, as load_state_dict, EMA or DDP broadcast do
+    refolded = fold_batch_norm(layer.norm)
+    torch.testing.assert_close(layer.folded_norm()[0], refolded[0], rtol=0, atol=0)
+    assert not torch.allclose(refolded[0], scale)
+    layer.float()  # a cast replaces the storage
+    assert layer.folded_norm()[0].dtype == torch.float32

@@ -38,8 +38,11 @@ def test_opcheck_forward(bn_size, training, recompute, channels_last):
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_opcheck_backward(training):
-    x, params, mask, bottleneck, _, keep, eps = forward_args(2, training, "bn_relu")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_opcheck_backward(training, channels_last):
+    # channels_last: the weight gradients come back in the weights' own layout, as the fake says
+    # (cuDNN and oneDNN return them in the input's)
+    x, params, mask, bottleneck, _, keep, eps = forward_args(2, training, "bn_relu", channels_last)
     with torch.no_grad():
         out = torch.ops.dense_ops.dense_block_forward(x, params, mask, bottleneck, training, keep, eps)
     features, mean, var, saved, mean2, var2 = out

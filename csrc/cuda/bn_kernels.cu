@@ -1,5 +1,16 @@
-// CUDA batch-norm kernels of the dense block: one thread block per channel, the arithmetic
-// from common/bn_math.h (the same functions the CPU kernels call). Registered for CUDA.
+// CUDA batch-norm kernels of the dense block, with the arithmetic of common/bn_math.h (the
+// same functions the CPU kernels call). Registered for CUDA.
+//
+// Every kernel runs on a 2-D grid of (channel tiles) x (pixel chunks), so a slice of a few
+// channels still fills the GPU, and walks memory in its unit-stride order:
+//   NCHW:          a thread block takes one channel; its threads stride over that channel's
+//                  pixels (n, h, w), contiguous within each sample's plane;
+//   channels-last: a thread block takes 32 consecutive channels x 8 pixel rows; a warp reads
+//                  32 consecutive channels of one pixel (coalesced).
+// Per-channel reductions (moments, the two backward sums) are two-stage: each block reduces its
+// chunk in shared memory and writes one partial per channel; a second kernel merges the chunks
+// in a fixed order (deterministic), Welford-style for the moments (as ATen's and apex's
+// batch-norm kernels do). Index arithmetic is 32-bit wherever the operands' offsets fit.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -7,6 +18,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <initializer_list>
 
 #include "common/bn_math.h"
 #include "cuda/device_checks.h"
@@ -16,65 +31,146 @@ namespace dense_ops {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535;
+constexpr int kBlocksPerSm = 4;        // resident blocks we aim for on each multiprocessor
+constexpr int64_t kMaxPixelChunks = 65535;  // gridDim.y limit
 
-// Element (n, c, s) of a [N, C, H*W] view with 64-bit strides.
-template <typename T>
+// How a thread block covers (channel, pixel) pairs in each layout (see the top of the file).
+template <bool kChannelsLast>
+struct Tile {
+  static constexpr int kChannelLanes = kChannelsLast ? 32 : 1;
+  static constexpr int kPixelLanes = kThreads / kChannelLanes;
+  __device__ static int channel_lane() { return kChannelsLast ? threadIdx.x % kChannelLanes : 0; }
+  __device__ static int pixel_lane() { return threadIdx.x / kChannelLanes; }
+  __device__ static int64_t channel() { return int64_t(blockIdx.x) * kChannelLanes + channel_lane(); }
+  // The first pixel of this thread and the step to its next one (grid-stride over chunks).
+  __device__ static int64_t first_pixel() { return int64_t(blockIdx.y) * kPixelLanes + pixel_lane(); }
+  __device__ static int64_t pixel_step() { return int64_t(gridDim.y) * kPixelLanes; }
+};
+
+// Element (c, p) of a [N, C, H, W] operand, pixel p = n * H*W + s, with index_t arithmetic.
+template <typename T, typename index_t>
 struct Plane {
   T* data;
-  int64_t stride_n, stride_c, stride_s;
-  __device__ __forceinline__ T& operator()(int64_t n, int64_t c, int64_t s) const {
+  index_t stride_n, stride_c, stride_s, spatial;
+  __device__ __forceinline__ T& operator()(index_t c, index_t p) const {
+    const index_t n = p / spatial, s = p - n * spatial;
     return data[n * stride_n + c * stride_c + s * stride_s];
   }
 };
 
-template <typename T>
-Plane<T> plane(const at::Tensor& t) {
+template <typename T, typename index_t>
+Plane<T, index_t> plane(const at::Tensor& t) {
   TORCH_CHECK(t.size(2) == 1 || t.size(3) == 1 || t.stride(2) == t.size(3) * t.stride(3),
               "dense_ops: H and W strides of a kernel operand are not mergeable");
-  return Plane<T>{static_cast<T*>(t.data_ptr<std::remove_const_t<T>>()), t.stride(0), t.stride(1), t.size(3) == 1 ? t.stride(2) : t.stride(3)};
+  const int64_t stride_s = t.size(3) == 1 ? t.stride(2) : t.stride(3);
+  return Plane<T, index_t>{static_cast<T*>(t.data_ptr<std::remove_const_t<T>>()), index_t(t.stride(0)),
+                           index_t(t.stride(1)), index_t(stride_s), index_t(t.size(2) * t.size(3))};
 }
 
-struct Extent {
-  int64_t batch, channels, spatial;
-  __host__ explicit Extent(const at::Tensor& t) : batch(t.size(0)), channels(t.size(1)), spatial(t.size(2) * t.size(3)) {}
-  __device__ __forceinline__ int64_t per_channel() const { return batch * spatial; }
-};
+// Whether int32 index arithmetic is safe for every operand: element offsets and pixel counts
+// stay below INT_MAX / 2, so a grid-stride step past the end cannot overflow either.
+bool fits_int32(std::initializer_list<at::Tensor> operands) {
+  constexpr int64_t kLimit = INT_MAX / 2;
+  for (const auto& t : operands) {
+    if (!t.defined()) continue;
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    if (last >= kLimit || t.numel() >= kLimit) return false;
+  }
+  return true;
+}
 
-// Sum over the thread block; every thread gets the total.
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t value, acc_t* buffer) {
-  buffer[threadIdx.x] = value;
+template <typename F>
+void with_index_type(bool narrow, const F& f) {
+  if (narrow) f(int32_t{}); else f(int64_t{});
+}
+
+template <typename F>
+void with_layout(bool channels_last, const F& f) {
+  if (channels_last) f(std::true_type{}); else f(std::false_type{});
+}
+
+// Grid of a kernel over x: enough pixel chunks that all channel tiles together fill the GPU.
+template <bool kChannelsLast>
+dim3 grid_for(const at::Tensor& x) {
+  using T = Tile<kChannelsLast>;
+  const int64_t channels = x.size(1), pixels = x.size(0) * x.size(2) * x.size(3);
+  const int64_t channel_tiles = (channels + T::kChannelLanes - 1) / T::kChannelLanes;
+  const int64_t wanted = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * kBlocksPerSm;
+  const int64_t useful = (pixels + T::kPixelLanes - 1) / T::kPixelLanes;
+  const int64_t chunks = std::clamp<int64_t>((wanted + channel_tiles - 1) / channel_tiles, 1,
+                                             std::min(useful, kMaxPixelChunks));
+  return dim3(static_cast<unsigned>(channel_tiles), static_cast<unsigned>(chunks));
+}
+
+// Reduces values over the pixel lanes of the block, per channel lane; lanes with pixel_lane 0
+// get the totals. `buffer` holds kThreads values per array.
+template <bool kChannelsLast, typename Merge>
+__device__ void reduce_pixel_lanes(const Merge& merge) {
+  using T = Tile<kChannelsLast>;
   __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) buffer[threadIdx.x] += buffer[threadIdx.x + stride];
+  for (int stride = T::kPixelLanes / 2; stride > 0; stride >>= 1) {
+    if (T::pixel_lane() < stride) merge(threadIdx.x, threadIdx.x + stride * T::kChannelLanes);
     __syncthreads();
   }
-  const acc_t total = buffer[0];
-  __syncthreads();
-  return total;
 }
 
-template <typename scalar_t, typename stat_t, typename sum_t>
-__global__ void channel_moments_kernel(Plane<const scalar_t> x, Extent e, stat_t* mean, stat_t* var) {
-  __shared__ sum_t buffer[kThreads];
-  const int64_t m = e.per_channel();
-  for (int64_t c = blockIdx.x; c < e.channels; c += gridDim.x) {
-    sum_t partial = 0;
-    for (int64_t i = threadIdx.x; i < m; i += blockDim.x) partial += static_cast<sum_t>(x(i / e.spatial, c, i % e.spatial));
-    const sum_t mu = block_sum(partial, buffer) / static_cast<sum_t>(m);
-    partial = 0;
-    for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
-      const sum_t d = static_cast<sum_t>(x(i / e.spatial, c, i % e.spatial)) - mu;
-      partial += d * d;
-    }
-    const sum_t squares = block_sum(partial, buffer);
-    if (threadIdx.x == 0) {
-      mean[c] = static_cast<stat_t>(mu);
-      var[c] = static_cast<stat_t>(squares / static_cast<sum_t>(m));
-    }
+// ---- channel moments: Welford per thread, merged over the block, then over the chunks --------
+
+template <typename sum_t>
+struct Welford {
+  sum_t count, mean, m2;
+  __device__ __forceinline__ void add(sum_t x) {
+    count += 1;
+    const sum_t delta = x - mean;
+    mean += delta / count;
+    m2 += delta * (x - mean);
+  }
+  __device__ __forceinline__ void merge(const Welford& o) {
+    if (o.count == 0) return;
+    const sum_t total = count + o.count, delta = o.mean - mean, share = o.count / total;
+    mean += delta * share;
+    m2 += o.m2 + delta * delta * count * share;
+    count = total;
+  }
+};
+
+// partial[chunk * C + c]: the Welford state of channel c over pixel chunk blockIdx.y.
+template <typename scalar_t, typename sum_t, typename index_t, bool kChannelsLast>
+__global__ void moments_partial_kernel(Plane<const scalar_t, index_t> x, index_t channels, index_t pixels,
+                                       Welford<sum_t>* partial) {
+  using T = Tile<kChannelsLast>;
+  __shared__ sum_t counts[kThreads], means[kThreads], m2s[kThreads];
+  const index_t c = T::channel();
+  Welford<sum_t> w{0, 0, 0};
+  if (c < channels) {
+    for (index_t p = T::first_pixel(); p < pixels; p += T::pixel_step()) w.add(static_cast<sum_t>(x(c, p)));
+  }
+  counts[threadIdx.x] = w.count, means[threadIdx.x] = w.mean, m2s[threadIdx.x] = w.m2;
+  reduce_pixel_lanes<kChannelsLast>([&](int into, int from) {
+    Welford<sum_t> a{counts[into], means[into], m2s[into]};
+    a.merge(Welford<sum_t>{counts[from], means[from], m2s[from]});
+    counts[into] = a.count, means[into] = a.mean, m2s[into] = a.m2;
+  });
+  if (T::pixel_lane() == 0 && c < channels) {
+    partial[int64_t(blockIdx.y) * channels + c] = Welford<sum_t>{counts[threadIdx.x], means[threadIdx.x], m2s[threadIdx.x]};
   }
 }
+
+template <typename sum_t, typename stat_t>
+__global__ void moments_final_kernel(const Welford<sum_t>* partial, int64_t chunks, int64_t channels, stat_t* mean,
+                                     stat_t* var) {
+  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < channels; c += int64_t(gridDim.x) * blockDim.x) {
+    Welford<sum_t> w = partial[c];
+    for (int64_t chunk = 1; chunk < chunks; ++chunk) w.merge(partial[chunk * channels + c]);
+    mean[c] = static_cast<stat_t>(w.mean);
+    var[c] = static_cast<stat_t>(w.m2 / w.count);
+  }
+}
+
+unsigned blocks_for_channels(int64_t channels) { return static_cast<unsigned>((channels + kThreads - 1) / kThreads); }
+
+// ---- the element-wise kernels -------------------------------------------------------------
 
 template <typename acc_t>
 struct DeviceBn {
@@ -93,139 +189,190 @@ DeviceBn<acc_t> device_bn(const BnParams& bn) {
                          bn.var.defined() ? bn.var.data_ptr<acc_t>() : nullptr, static_cast<acc_t>(bn.eps)};
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void bn_relu_forward_kernel(Plane<const scalar_t> x, DeviceBn<acc_t> bn, Plane<scalar_t> out, Extent e) {
-  const int64_t m = e.per_channel();
-  for (int64_t c = blockIdx.x; c < e.channels; c += gridDim.x) {
-    const auto a = bn.affine(c);
-    for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
-      const int64_t n = i / e.spatial, s = i % e.spatial;
-      out(n, c, s) = static_cast<scalar_t>(math::bn_relu(static_cast<acc_t>(x(n, c, s)), a));
-    }
+template <typename scalar_t, typename acc_t, typename index_t, bool kChannelsLast>
+__global__ void bn_relu_forward_kernel(Plane<const scalar_t, index_t> x, DeviceBn<acc_t> bn,
+                                       Plane<scalar_t, index_t> out, index_t channels, index_t pixels) {
+  using T = Tile<kChannelsLast>;
+  const index_t c = T::channel();
+  if (c >= channels) return;
+  const auto a = bn.affine(c);
+  for (index_t p = T::first_pixel(); p < pixels; p += T::pixel_step()) {
+    out(c, p) = static_cast<scalar_t>(math::bn_relu(static_cast<acc_t>(x(c, p)), a));
   }
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void bn_relu_backward_kernel(Plane<const scalar_t> x, Plane<const scalar_t> grad_out, DeviceBn<acc_t> bn,
-                                        Plane<acc_t> accumulated, bool accumulate, double* total_dy_xhat,
-                                        double* total_dy, Extent e) {
-  __shared__ acc_t buffer[kThreads];
-  const int64_t m = e.per_channel();
-  for (int64_t c = blockIdx.x; c < e.channels; c += gridDim.x) {
+// dy = grad_out * relu mask; accumulated = (accumulate ? accumulated : 0) + scale * dy; and per
+// chunk and channel the partial sums of dy * x_hat and dy.
+template <typename scalar_t, typename acc_t, typename index_t, bool kChannelsLast>
+__global__ void bn_relu_backward_kernel(Plane<const scalar_t, index_t> x, Plane<const scalar_t, index_t> grad_out,
+                                        DeviceBn<acc_t> bn, Plane<acc_t, index_t> accumulated, bool accumulate,
+                                        index_t channels, index_t pixels, acc_t* partial_dy_xhat, acc_t* partial_dy) {
+  using T = Tile<kChannelsLast>;
+  __shared__ acc_t sums_dy_xhat[kThreads], sums_dy[kThreads];
+  const index_t c = T::channel();
+  acc_t dy_xhat = 0, dy_total = 0;
+  if (c < channels) {
     const auto a = bn.affine(c);
-    acc_t sum_dy = 0, sum_dy_xhat = 0;
-    for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
-      const int64_t n = i / e.spatial, s = i % e.spatial;
-      const acc_t xv = static_cast<acc_t>(x(n, c, s));
-      const acc_t dy = math::relu_masked_grad(xv, static_cast<acc_t>(grad_out(n, c, s)), a);
-      sum_dy += dy;
-      sum_dy_xhat += dy * math::normalized(xv, a);
-      acc_t& slot = accumulated(n, c, s);
+    for (index_t p = T::first_pixel(); p < pixels; p += T::pixel_step()) {
+      const acc_t xv = static_cast<acc_t>(x(c, p));
+      const acc_t dy = math::relu_masked_grad(xv, static_cast<acc_t>(grad_out(c, p)), a);
+      dy_total += dy;
+      dy_xhat += dy * math::normalized(xv, a);
+      acc_t& slot = accumulated(c, p);
       slot = (accumulate ? slot : acc_t(0)) + a.scale * dy;
     }
-    sum_dy = block_sum(sum_dy, buffer);
-    sum_dy_xhat = block_sum(sum_dy_xhat, buffer);
-    if (threadIdx.x == 0) {  // one block owns channel c: no race
-      total_dy_xhat[c] += static_cast<double>(sum_dy_xhat);
-      total_dy[c] += static_cast<double>(sum_dy);
-    }
+  }
+  sums_dy_xhat[threadIdx.x] = dy_xhat, sums_dy[threadIdx.x] = dy_total;
+  reduce_pixel_lanes<kChannelsLast>([&](int into, int from) {
+    sums_dy_xhat[into] += sums_dy_xhat[from];
+    sums_dy[into] += sums_dy[from];
+  });
+  if (T::pixel_lane() == 0 && c < channels) {
+    partial_dy_xhat[int64_t(blockIdx.y) * channels + c] = sums_dy_xhat[threadIdx.x];
+    partial_dy[int64_t(blockIdx.y) * channels + c] = sums_dy[threadIdx.x];
   }
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void bn_input_grad_kernel(Plane<const scalar_t> x, DeviceBn<acc_t> stats, Plane<const acc_t> accumulated,
-                                     Plane<const scalar_t> direct, bool has_direct, const acc_t* proj_mean,
-                                     const acc_t* proj_xhat, Plane<scalar_t> out, Extent e) {
-  const int64_t m = e.per_channel();
-  for (int64_t c = blockIdx.x; c < e.channels; c += gridDim.x) {
-    const bool has_proj = proj_mean != nullptr;
-    const auto norm = has_proj ? stats.affine(c) : math::BnAffine<acc_t>{0, 1, 1, 0};
-    for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
-      const int64_t n = i / e.spatial, s = i % e.spatial;
-      const acc_t d = has_direct ? static_cast<acc_t>(direct(n, c, s)) : acc_t(0);
-      const acc_t xhat = has_proj ? math::normalized(static_cast<acc_t>(x(n, c, s)), norm) : acc_t(0);
-      out(n, c, s) = static_cast<scalar_t>(math::final_input_grad(d, accumulated(n, c, s), xhat,
-                                                                  has_proj ? proj_mean[c] : acc_t(0),
-                                                                  has_proj ? proj_xhat[c] : acc_t(0)));
+// total[c] += the chunks' partials of channel c, added in chunk order (float64 totals).
+template <typename acc_t>
+__global__ void add_partials_kernel(const acc_t* partial_dy_xhat, const acc_t* partial_dy, int64_t chunks,
+                                    int64_t channels, double* total_dy_xhat, double* total_dy) {
+  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < channels; c += int64_t(gridDim.x) * blockDim.x) {
+    double dy_xhat = 0, dy = 0;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      dy_xhat += static_cast<double>(partial_dy_xhat[chunk * channels + c]);
+      dy += static_cast<double>(partial_dy[chunk * channels + c]);
     }
+    total_dy_xhat[c] += dy_xhat;
+    total_dy[c] += dy;
   }
 }
 
-// Launch configuration shared by all kernels; false when there is nothing to do.
-bool prepare_launch(const at::Tensor& x, dim3& grid) {
-  if (x.numel() == 0) return false;
-  grid = dim3(static_cast<unsigned>(std::min<int64_t>(x.size(1), kMaxBlocks)));
-  return true;
+template <typename scalar_t, typename acc_t, typename index_t, bool kChannelsLast>
+__global__ void bn_input_grad_kernel(Plane<const scalar_t, index_t> x, DeviceBn<acc_t> stats,
+                                     Plane<const acc_t, index_t> accumulated, Plane<const scalar_t, index_t> direct,
+                                     bool has_direct, const acc_t* proj_mean, const acc_t* proj_xhat,
+                                     Plane<scalar_t, index_t> out, index_t channels, index_t pixels) {
+  using T = Tile<kChannelsLast>;
+  const index_t c = T::channel();
+  if (c >= channels) return;
+  const bool has_proj = proj_mean != nullptr;
+  const auto norm = has_proj ? stats.affine(c) : math::BnAffine<acc_t>{0, 1, 1, 0};
+  const acc_t mean_term = has_proj ? proj_mean[c] : acc_t(0), xhat_term = has_proj ? proj_xhat[c] : acc_t(0);
+  for (index_t p = T::first_pixel(); p < pixels; p += T::pixel_step()) {
+    const acc_t d = has_direct ? static_cast<acc_t>(direct(c, p)) : acc_t(0);
+    const acc_t xhat = has_proj ? math::normalized(static_cast<acc_t>(x(c, p)), norm) : acc_t(0);
+    out(c, p) = static_cast<scalar_t>(math::final_input_grad(d, accumulated(c, p), xhat, mean_term, xhat_term));
+  }
 }
 
-void channel_moments(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, bool) {
+// ---- launchers ----------------------------------------------------------------------------
+
+// Runs launch(scalar_t, index_t, channels_last) for x's dtype, the narrowest index type that
+// fits every operand, and the layout; nothing for an empty x.
+template <typename F>
+void dispatch(const at::Tensor& x, bool channels_last, std::initializer_list<at::Tensor> operands, const F& launch) {
+  if (x.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_kernels_cuda", [&] {
+    with_index_type(fits_int32(operands), [&](auto index) {
+      with_layout(channels_last, [&](auto layout) { launch(scalar_t{}, index, layout); });
+    });
+  });
+}
+
+void channel_moments(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, bool channels_last) {
   check_same_cuda_device("dense_ops channel_moments", {{"x", x}, {"mean", mean}, {"var", var}});
-  dim3 grid;
-  if (!prepare_launch(x, grid)) return;
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_channel_moments_cuda", [&] {
+  dispatch(x, channels_last, {x}, [&](auto scalar, auto index, auto layout) {
+    using scalar_t = decltype(scalar);
+    using index_t = decltype(index);
     using stat_t = at::opmath_type<scalar_t>;
     using sum_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-    channel_moments_kernel<scalar_t, stat_t, sum_t><<<grid, kThreads, 0, stream>>>(
-        plane<const scalar_t>(x), Extent(x), mean.data_ptr<stat_t>(), var.data_ptr<stat_t>());
+    constexpr bool kChannelsLast = decltype(layout)::value;
+    const dim3 grid = grid_for<kChannelsLast>(x);
+    const int64_t channels = x.size(1);
+    const at::Tensor partial =
+        at::empty({int64_t(grid.y) * channels * int64_t(sizeof(Welford<sum_t>))}, x.options().dtype(at::kByte));
+    auto* states = reinterpret_cast<Welford<sum_t>*>(partial.data_ptr());
+    moments_partial_kernel<scalar_t, sum_t, index_t, kChannelsLast><<<grid, kThreads, 0, stream>>>(
+        plane<const scalar_t, index_t>(x), index_t(channels), index_t(x.size(0) * x.size(2) * x.size(3)), states);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    moments_final_kernel<sum_t, stat_t><<<blocks_for_channels(channels), kThreads, 0, stream>>>(
+        states, grid.y, channels, mean.data_ptr<stat_t>(), var.data_ptr<stat_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-void bn_relu_forward(const at::Tensor& x, const BnParams& bn, const at::Tensor& out, bool) {
+void bn_relu_forward(const at::Tensor& x, const BnParams& bn, const at::Tensor& out, bool channels_last) {
   check_same_cuda_device("dense_ops bn_relu_forward", {{"x", x}, {"bn.weight", bn.weight}, {"bn.bias", bn.bias},
                                                       {"bn.mean", bn.mean}, {"bn.var", bn.var}, {"out", out}});
-  dim3 grid;
-  if (!prepare_launch(x, grid)) return;
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_relu_forward_cuda", [&] {
+  dispatch(x, channels_last, {x, out}, [&](auto scalar, auto index, auto layout) {
+    using scalar_t = decltype(scalar);
+    using index_t = decltype(index);
     using acc_t = at::opmath_type<scalar_t>;
-    bn_relu_forward_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-        plane<const scalar_t>(x), device_bn<acc_t>(bn), plane<scalar_t>(out), Extent(x));
+    constexpr bool kChannelsLast = decltype(layout)::value;
+    bn_relu_forward_kernel<scalar_t, acc_t, index_t, kChannelsLast><<<grid_for<kChannelsLast>(x), kThreads, 0, stream>>>(
+        plane<const scalar_t, index_t>(x), device_bn<acc_t>(bn), plane<scalar_t, index_t>(out), index_t(x.size(1)),
+        index_t(x.size(0) * x.size(2) * x.size(3)));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnParams& bn,
                       const at::Tensor& accumulated, bool accumulate, const at::Tensor& sum_dy_xhat,
-                      const at::Tensor& sum_dy, bool) {
+                      const at::Tensor& sum_dy, bool channels_last) {
   check_same_cuda_device("dense_ops bn_relu_backward",
                          {{"x", x}, {"grad_out", grad_out}, {"bn.weight", bn.weight}, {"bn.bias", bn.bias},
                           {"bn.mean", bn.mean}, {"bn.var", bn.var}, {"accumulated", accumulated},
                           {"sum_dy_xhat", sum_dy_xhat}, {"sum_dy", sum_dy}});
-  dim3 grid;
-  if (!prepare_launch(x, grid)) return;
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_relu_backward_cuda", [&] {
+  dispatch(x, channels_last, {x, grad_out, accumulated},
+           [&](auto scalar, auto index, auto layout) {
+    using scalar_t = decltype(scalar);
+    using index_t = decltype(index);
     using acc_t = at::opmath_type<scalar_t>;
-    bn_relu_backward_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-        plane<const scalar_t>(x), plane<const scalar_t>(grad_out), device_bn<acc_t>(bn), plane<acc_t>(accumulated),
-        accumulate, sum_dy_xhat.data_ptr<double>(), sum_dy.data_ptr<double>(), Extent(x));
+    constexpr bool kChannelsLast = decltype(layout)::value;
+    const dim3 grid = grid_for<kChannelsLast>(x);
+    const int64_t channels = x.size(1);
+    const at::Tensor partial = at::empty({2, int64_t(grid.y), channels}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    bn_relu_backward_kernel<scalar_t, acc_t, index_t, kChannelsLast><<<grid, kThreads, 0, stream>>>(
+        plane<const scalar_t, index_t>(x), plane<const scalar_t, index_t>(grad_out), device_bn<acc_t>(bn),
+        plane<acc_t, index_t>(accumulated), accumulate, index_t(channels), index_t(x.size(0) * x.size(2) * x.size(3)),
+        partial[0].data_ptr<acc_t>(), partial[1].data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    add_partials_kernel<acc_t><<<blocks_for_channels(channels), kThreads, 0, stream>>>(
+        partial[0].data_ptr<acc_t>(), partial[1].data_ptr<acc_t>(), grid.y, channels, sum_dy_xhat.data_ptr<double>(),
+        sum_dy.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 void bn_input_grad(const at::Tensor& x, const BnParams& stats, const at::Tensor& accumulated, const at::Tensor& direct,
-                   const at::Tensor& proj_mean, const at::Tensor& proj_xhat, const at::Tensor& out, bool) {
+                   const at::Tensor& proj_mean, const at::Tensor& proj_xhat, const at::Tensor& out,
+                   bool channels_last) {
   check_same_cuda_device("dense_ops bn_input_grad",
                          {{"x", x}, {"stats.weight", stats.weight}, {"stats.bias", stats.bias},
                           {"stats.mean", stats.mean}, {"stats.var", stats.var}, {"accumulated", accumulated},
                           {"direct", direct}, {"proj_mean", proj_mean}, {"proj_xhat", proj_xhat}, {"out", out}});
-  dim3 grid;
-  if (!prepare_launch(x, grid)) return;
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_input_grad_cuda", [&] {
+  const bool has_direct = direct.defined();
+  dispatch(x, channels_last, {x, accumulated, direct, out},
+           [&](auto scalar, auto index, auto layout) {
+    using scalar_t = decltype(scalar);
+    using index_t = decltype(index);
     using acc_t = at::opmath_type<scalar_t>;
-    const bool has_direct = direct.defined();
-    bn_input_grad_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-        plane<const scalar_t>(x), device_bn<acc_t>(stats), plane<const acc_t>(accumulated),
-        plane<const scalar_t>(has_direct ? direct : out), has_direct,
+    constexpr bool kChannelsLast = decltype(layout)::value;
+    bn_input_grad_kernel<scalar_t, acc_t, index_t, kChannelsLast><<<grid_for<kChannelsLast>(x), kThreads, 0, stream>>>(
+        plane<const scalar_t, index_t>(x), device_bn<acc_t>(stats), plane<const acc_t, index_t>(accumulated),
+        plane<const scalar_t, index_t>(has_direct ? direct : out), has_direct,
         proj_mean.defined() ? proj_mean.data_ptr<acc_t>() : nullptr,
-        proj_xhat.defined() ? proj_xhat.data_ptr<acc_t>() : nullptr, plane<scalar_t>(out), Extent(x));
+        proj_xhat.defined() ? proj_xhat.data_ptr<acc_t>() : nullptr, plane<scalar_t, index_t>(out),
+        index_t(x.size(1)), index_t(x.size(0) * x.size(2) * x.size(3)));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

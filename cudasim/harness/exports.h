@@ -1,0 +1,23 @@
+// What the harness TUs export to the bindings.
+#pragma once
+#include <optional>
+#include "dense_block.h"
+
+namespace dense_ops {
+const BnKernels& sim_bn_kernels();  // csrc/cuda/bn_kernels.cu run by cudasim
+const BnKernels& cpu_bn_kernels();  // csrc/cpu/bn_kernels.cpp
+
+using OptT = std::optional<at::Tensor>;
+at::Tensor sim_condensed_conv(const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
+                              const at::Tensor& shift, const at::Tensor& weight, int64_t groups, const OptT& out_scale,
+                              const OptT& out_shift);
+at::Tensor cpu_condensed_conv(const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
+                              const at::Tensor& shift, const at::Tensor& weight, int64_t groups, const OptT& out_scale,
+                              const OptT& out_shift);
+void sim_condensed_conv_into(const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
+                             const at::Tensor& shift, const at::Tensor& weight, int64_t groups, at::Tensor out,
+                             int64_t out_offset, const OptT& out_scale, const OptT& out_shift);
+void cpu_condensed_conv_into(const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
+                             const at::Tensor& shift, const at::Tensor& weight, int64_t groups, at::Tensor out,
+                             int64_t out_offset, const OptT& out_scale, const OptT& out_shift);
+}  // namespace dense_ops
