@@ -50,6 +50,14 @@ def image(args: official.Args, batch=2):
     return torch.randn(batch, 3, size, size, dtype=torch.float64)
 
 
+def cifar_args():
+    return official.FIXTURES["condensenet_cifar14_train"][0]
+
+
+def cifar_state():
+    return official_state(torch.load(FIXTURES / "condensenet_cifar14_train.pth", weights_only=True))
+
+
 def assert_same_outputs(ours, reference, x, train=False):
     ours.train(train)
     reference.train(train)
@@ -137,15 +145,27 @@ def test_condense_of_a_loaded_checkpoint_equals_the_official_convert_model(name)
     assert_same_outputs(ours.double(), official.converted(reference).double(), image(args))
 
 
+def test_a_converted_densenet_lgc_gives_the_official_outputs():
+    """DenseNet-LGC's converted form (learned group convs in the transitions too), made here from the fixture's
+    options (no committed fixture: the CondenseNet fixtures cover the converted layers' format)."""
+    args, seed, _, _ = official.FIXTURES["densenet_lgc_cifar14_train"]
+    reference = official.converted(official.official_model(args, seed, stage=args.condense_factor - 1))
+    ours = load_official_condensenet(our_condensed_model(args), reference.state_dict())
+    assert isinstance(ours.features.transition_1.conv, CondensedConv)
+    assert_same_outputs(ours.double(), reference.double(), image(args))
+
+
+def test_a_checkpoint_in_the_legacy_serialization_loads(tmp_path):
+    """The official checkpoints were written by PyTorch 0.3/1.1: the pre-1.6 (non-zip) file format."""
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save(torch.load(FIXTURES / "condensenet_cifar14_train.pth", weights_only=True), path,
+               _use_new_zipfile_serialization=False)
+    state = official_state(torch.load(path, weights_only=True))
+    model = load_official_condensenet(our_model(cifar_args()), path)
+    torch.testing.assert_close(model.classifier.weight, state["classifier.weight"], rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------ bad input
-
-def cifar_args():
-    return official.FIXTURES["condensenet_cifar14_train"][0]
-
-
-def cifar_state():
-    return official_state(torch.load(FIXTURES / "condensenet_cifar14_train.pth", weights_only=True))
-
 
 @pytest.mark.parametrize("build,message", [
     (lambda: condensenet_cifar(depth=20, growth_rates=(4, 8, 16), group_3x3=2),

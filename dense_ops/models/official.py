@@ -37,9 +37,9 @@ def load_official_condensenet(model: nn.Module, checkpoint) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    official = _read_state_dict(checkpoint)
-    renamed, official_names, counts = _rename(model, official)
-    _check_keys_and_shapes(model, renamed, official_names, _renames(model))
+    renames = _renames(model)
+    renamed, official_names, counts = _rename(_read_state_dict(checkpoint), renames)
+    _check_keys_and_shapes(model, renamed, official_names, renames)
     for prefix, layer in _prefixed_modules(model):
         if isinstance(layer, LearnedGroupConv):
             _check_learned_state(layer, renamed, prefix, official_names, counts.get(prefix + "_count"))
@@ -56,6 +56,8 @@ def _read_state_dict(checkpoint) -> dict[str, torch.Tensor]:
         raise TypeError("checkpoint must be a path, a {'state_dict': ...} dict or a state dict, "
                         f"got {type(checkpoint).__name__}")
     state = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(state, Mapping):
+        raise TypeError(f"checkpoint['state_dict'] must be a state dict, got {type(state).__name__}")
     bad = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
     if bad is not None or not state:
         raise ValueError("checkpoint holds no state dict of tensors" +
@@ -84,10 +86,9 @@ def _renames(model: nn.Module) -> dict[str, str | None]:
     return renames
 
 
-def _rename(model: nn.Module, official: dict) -> tuple[dict, dict, dict]:
+def _rename(official: dict, renames: dict) -> tuple[dict, dict, dict]:
     """(our state dict from the official one, our key -> official key, the learned group convs' `_count`s by
     official key). The official stage ([1], float) takes our stage's shape."""
-    renames = _renames(model)
     renamed, official_names, counts = {}, {}, {}
     for key, value in official.items():
         ours = renames.get(key, key)
@@ -113,8 +114,8 @@ def _form_hint(model: nn.Module, official_names: dict) -> str:
 
 
 def _check_keys_and_shapes(model: nn.Module, renamed: dict, official_names: dict, renames: dict) -> None:
-    """Every key of `model` in the checkpoint with its shape, in the model's order, and no key left over.
-    Keys are named as the official code names them."""
+    """Every key of `model` in the checkpoint with its shape, in the model's order, and no key left over
+    (errors name keys as the official code does). Fills in a missing BN num_batches_tracked with 0."""
     official_name = {ours: key for key, ours in renames.items() if ours is not None}
     expected = model.state_dict()
     for key, value in expected.items():
@@ -122,8 +123,8 @@ def _check_keys_and_shapes(model: nn.Module, renamed: dict, official_names: dict
             if key.endswith(".num_batches_tracked"):  # not saved before PyTorch 0.4.1
                 renamed[key] = torch.zeros_like(value)
                 continue
-            raise ValueError(f"checkpoint does not match the model: it has no {official_name.get(key, key)!r} (shape "
-                             f"{list(value.shape)}){_form_hint(model, official_names)}")
+            raise ValueError(f"checkpoint does not match the model: it has no {official_name.get(key, key)!r}"
+                             f"{_form_hint(model, official_names)}")
         if renamed[key].shape != value.shape:
             raise ValueError(f"checkpoint does not match the model: {official_names[key]!r} has shape "
                              f"{list(renamed[key].shape)}, the model's {key!r} has {list(value.shape)}"
