@@ -218,8 +218,8 @@ def drop_count(state):
 
 @pytest.mark.parametrize("corrupt,message", [
     (corrupt_mask, f"'{LAYER}_mask' is not a learned group mask"),
-    (corrupt_stage, f"{LAYER}_count holds"),
-    (corrupt_count, f"{LAYER}_count holds"),
+    (corrupt_stage, f"'{LAYER}_count' holds \\[3.0\\], expected \\[6\\]"),
+    (corrupt_count, f"'{LAYER}_count' holds \\[0.0\\], expected \\[3\\]"),
     (drop_count, f"has no '{LAYER}_count'"),
     (lambda s: s[LAYER + "_stage"].fill_(4), f"'{LAYER}_stage' holds 4.0, expected an integer stage"),
     (lambda s: s[LAYER + "_stage"].fill_(0.5), f"'{LAYER}_stage' holds 0.5"),

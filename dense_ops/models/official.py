@@ -149,7 +149,7 @@ def _check_learned_state(layer: LearnedGroupConv, state: dict, prefix: str, offi
     if count is None:
         raise ValueError(f"checkpoint does not match the model: it has no {prefix + '_count'!r}")
     if count.numel() != 1 or float(count) != dropped:
-        raise ValueError(f"{prefix}_count holds {count.flatten().tolist()}, expected [{dropped}] (stage {stage} "
+        raise ValueError(f"'{prefix}_count' holds {count.flatten().tolist()}, expected [{dropped}] (stage {stage} "
                          f"drops in_channels // condense_factor = {layer.drop_per_stage} inputs per stage)")
     groups = layer.group_view(mask)  # [outputs per group, G, inputs]
     mask_name = official_names[prefix + "mask"]
