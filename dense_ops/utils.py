@@ -22,9 +22,9 @@ def _flops(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
         pixels = x.shape[2] * x.shape[3]
         gathered = module.groups * module.kept_per_group
         return gathered * pixels + module.kept_per_group * module.out_channels * pixels
-    if isinstance(module, LearnedGroupConv):  # BN + ReLU (counted) + the dense (masked) 1x1 conv
+    if isinstance(module, LearnedGroupConv):  # BN + ReLU (counted) + the 1x1 conv at its condensed cost
         pixels = x.shape[2] * x.shape[3]
-        return module.in_channels * pixels + module.in_channels * module.out_channels * pixels
+        return module.in_channels * pixels + module.in_channels * module.out_channels * pixels // module.condense_factor
     if isinstance(module, CondensedLinear):
         return _linear_flops(module.linear)
     if isinstance(module, nn.Conv2d):
@@ -40,6 +40,13 @@ def _flops(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
         kernel = module.kernel_size if isinstance(module.kernel_size, int) else module.kernel_size[0]
         return out[0].numel() * kernel * kernel
     return 0
+
+
+def _params(module: nn.Module) -> int:
+    """Parameters of a counted module; a LearnedGroupConv's conv at its condensed size (1/C of it)."""
+    if isinstance(module, LearnedGroupConv):
+        return sum(p.numel() for p in module.norm.parameters()) + module.conv.weight.numel() // module.condense_factor
+    return sum(p.numel() for p in module.parameters())
 
 
 _UNITS = (CondensedConv, CondensedLinear, LearnedGroupConv)
@@ -62,7 +69,12 @@ def _counted_modules(model: nn.Module) -> list[nn.Module]:
 def count_flops_params(model: nn.Module, input_size) -> tuple[int, int]:
     """(FLOPs, parameters) of `model` for one input of shape `input_size` (C, H, W), as the
     CondenseNet paper counts them: multiply-adds of convolutions and linear layers plus one op per
-    ReLU and pooled element (batch norm free); parameters of every layer the forward pass runs."""
+    ReLU and pooled element (batch norm free); parameters of every layer the forward pass runs.
+
+    A training-form LearnedGroupConv counts at its condensed cost, as the official code's
+    ``measure_model`` counts it: 1/condense_factor of its 1x1 conv's multiply-adds and weights
+    (whatever its stage), so with C = G a model counts the same before and after
+    ``condense(model, prune_classifier=False)``."""
     modules = _counted_modules(model)
     totals = {"flops": 0}
     ran = set()
@@ -84,5 +96,5 @@ def count_flops_params(model: nn.Module, input_size) -> tuple[int, int]:
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    params = sum(p.numel() for m in ran for p in m.parameters())
+    params = sum(_params(m) for m in ran)
     return int(totals["flops"]), int(params)

@@ -1,9 +1,11 @@
 """CondenseNet (Huang et al., CVPR 2018) for CIFAR and ImageNet, following the official architecture.
 
-Each dense layer is LearnedGroupConv(1x1, bottleneck*k) -> BN-ReLU-Conv3x3(k, groups); growth
-rates increase exponentially from stage to stage; the transitions are "fully dense" (2x2 average
-pooling only, so every stage sees all earlier features). ``dense_ops.condense(model)`` turns a
-trained model into its inference form.
+Each dense layer is LearnedGroupConv(1x1, bottleneck*k, group_1x1 groups) -> BN-ReLU-Conv3x3(k,
+group_3x3 groups); growth rates increase exponentially from stage to stage; the transitions are
+"fully dense" (2x2 average pooling only, so every stage sees all earlier features), or, in the
+DenseNet-LGC variant, learned group convs that compress before the pooling. The options, module and
+parameter names are the official code's (``load_official_condensenet`` loads its checkpoints).
+``dense_ops.condense(model)`` turns a trained model into its inference form.
 
 In inference (no gradient needed: grad mode off, or neither the input nor any parameter requires
 grad, as in the output of ``dense_ops.condense``), a block writes every layer's new features into
@@ -14,17 +16,19 @@ earlier layers' inputs unchanged. ``reference.unfused_condensenet`` turns all of
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._prims_common import suggest_memory_format
 
-from ..condense import CondensedConv, LearnedGroupConv, needs_grad
+from ..condense import CondensedConv, LearnedGroupConv, _check_positive, needs_grad
 from ..nn.dense import has_hooks
 
-BOTTLENECK = 4
+INIT_MODES = ("fan_in", "fan_out")
 # CPU inference runs a grouped 3x3 conv with at most this many input channels per group as one dense
 # conv with a block-diagonal weight: oneDNN's grouped kernel is about 2x slower than that dense conv
 # for such thin groups (stage 1 of CondenseNet-74: 8 inputs, 2 outputs per group, 112x112), and the
@@ -53,18 +57,34 @@ class GroupConv2d(nn.Conv2d):
                         self.dilation)
 
 
-class CondenseLayer(nn.Module):
-    """conv_1: LearnedGroupConv 1x1 (in -> 4k); conv_2: BN-ReLU-Conv3x3 (4k -> k) with `groups` groups."""
+@dataclass(frozen=True)
+class LayerOptions:
+    """What every dense layer of a CondenseNet shares (the official code's command-line options)."""
+    group_1x1: int = 4  # groups of the learned 1x1 conv (G)
+    group_3x3: int = 4  # groups of the 3x3 conv
+    condense_factor: int = 4  # C: the learned 1x1 conv keeps 1/C of its inputs per group
+    bottleneck: int = 4  # the 1x1 conv's output width is bottleneck * growth rate
+    dropout_rate: float = 0.0  # dropout before the learned 1x1 conv
 
-    def __init__(self, in_channels: int, growth_rate: int, groups: int, condense_factor: int,
-                 dropout_rate: float = 0.0):
+    def __post_init__(self):
+        for name in ("group_1x1", "group_3x3", "condense_factor", "bottleneck"):
+            _check_positive(name, getattr(self, name))
+
+
+class CondenseLayer(nn.Module):
+    """conv_1: LearnedGroupConv 1x1 (in -> bottleneck*k, group_1x1 groups); conv_2: BN-ReLU-Conv3x3
+    (bottleneck*k -> k, group_3x3 groups)."""
+
+    def __init__(self, in_channels: int, growth_rate: int, options: LayerOptions):
         super().__init__()
-        width = BOTTLENECK * growth_rate
-        self.conv_1 = LearnedGroupConv(in_channels, width, groups, condense_factor, dropout_rate)
+        width = options.bottleneck * growth_rate
+        self.conv_1 = LearnedGroupConv(in_channels, width, options.group_1x1, options.condense_factor,
+                                       options.dropout_rate)
         self.conv_2 = nn.Sequential(OrderedDict([
             ("norm", nn.BatchNorm2d(width)),
             ("relu", nn.ReLU(inplace=True)),
-            ("conv", GroupConv2d(width, growth_rate, kernel_size=3, padding=1, groups=groups, bias=False)),
+            ("conv", GroupConv2d(width, growth_rate, kernel_size=3, padding=1, groups=options.group_3x3,
+                                 bias=False)),
         ]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,18 +123,29 @@ class AvgPool2x2(nn.AvgPool2d):
         return out
 
 
+class LearnedTransition(nn.Module):
+    """DenseNet-LGC's transition: a LearnedGroupConv 1x1 (group_1x1 groups, no dropout) that compresses,
+    then 2x2 average pooling."""
+
+    def __init__(self, in_channels: int, out_channels: int, options: LayerOptions):
+        super().__init__()
+        self.conv = LearnedGroupConv(in_channels, out_channels, options.group_1x1, options.condense_factor)
+        self.pool = AvgPool2x2()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.conv(x))
+
+
 class CondenseBlock(nn.ModuleDict):
     """x -> [x, H_1(x), H_2([x, H_1(x)]), ...]; layers named denselayer_1..denselayer_L."""
 
-    def __init__(self, num_layers: int, in_channels: int, growth_rate: int, groups: int, condense_factor: int,
-                 dropout_rate: float = 0.0):
+    def __init__(self, num_layers: int, in_channels: int, growth_rate: int, options: LayerOptions):
         super().__init__()
         self.in_channels, self.growth_rate = in_channels, growth_rate
         self.out_channels = in_channels + num_layers * growth_rate
         self.preallocate = True  # inference writes into one buffer; False forces torch.cat (reference form)
         for i in range(num_layers):
-            self.add_module(f"denselayer_{i + 1}", CondenseLayer(in_channels + i * growth_rate, growth_rate, groups,
-                                                                 condense_factor, dropout_rate))
+            self.add_module(f"denselayer_{i + 1}", CondenseLayer(in_channels + i * growth_rate, growth_rate, options))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.preallocate and not needs_grad(x, self):
@@ -141,35 +172,64 @@ class CondenseBlock(nn.ModuleDict):
         return buffer
 
 
-class CondenseNet(nn.Module):
-    """Stem conv (2*k_0 channels) -> dense stages joined by 2x2 average pooling -> BN-ReLU-pool -> linear."""
+def compressed_width(channels: int, reduction: float, groups: int) -> int:
+    """DenseNet-LGC's transition width: ceil(channels * reduction) rounded up to a multiple of `groups`."""
+    width = math.ceil(channels * reduction)
+    return -(-width // groups) * groups
 
-    def __init__(self, stages, growth_rates, groups: int, condense_factor: int, num_classes: int, stem_stride: int,
-                 dropout_rate: float = 0.0):
+
+class CondenseNet(nn.Module):
+    """Stem conv (2*k_0 channels) -> dense stages joined by transitions -> BN-ReLU-pool -> linear.
+
+    The transitions are 2x2 average pooling (CondenseNet's fully dense connectivity) or, with
+    `transition_reduction`, DenseNet-LGC's: a learned group conv compressing to
+    ``compressed_width(channels, transition_reduction, group_1x1)`` channels, then the pooling.
+    `init_mode` is the fan of the He-normal init of every conv weight: "fan_in" (the default) or
+    "fan_out", the official code's (std sqrt(2 / (k*k*out_channels)); it changes training from scratch
+    and the group lasso's scale). Either way BN weights are 1, biases 0, the classifier's bias 0.
+    """
+
+    def __init__(self, stages, growth_rates, num_classes: int, stem_stride: int,
+                 options: LayerOptions = LayerOptions(), transition_reduction: float | None = None,
+                 init_mode: str = "fan_in"):
         super().__init__()
         if len(stages) != len(growth_rates) or not stages:
             raise ValueError(f"stages {tuple(stages)} and growth_rates {tuple(growth_rates)} must be non-empty "
                              "and of equal length")
+        if transition_reduction is not None and not 0.0 < transition_reduction <= 1.0:
+            raise ValueError("transition_reduction (densenet_lgc's reduction) must be in (0, 1] or None, "
+                             f"got {transition_reduction!r}")
+        if init_mode not in INIT_MODES:
+            raise ValueError(f"init_mode must be one of {INIT_MODES}, got {init_mode!r}")
         channels = 2 * growth_rates[0]
         self.features = nn.Sequential()
         self.features.add_module("init_conv", nn.Conv2d(3, channels, kernel_size=3, stride=stem_stride, padding=1,
                                                         bias=False))
         for i, (num_layers, growth) in enumerate(zip(stages, growth_rates)):
             if i > 0:
-                self.features.add_module(f"transition_{i}", AvgPool2x2())
-            block = CondenseBlock(num_layers, channels, growth, groups, condense_factor, dropout_rate)
+                transition, channels = self._transition(channels, options, transition_reduction)
+                self.features.add_module(f"transition_{i}", transition)
+            block = CondenseBlock(num_layers, channels, growth, options)
             self.features.add_module(f"denseblock_{i + 1}", block)
             channels = block.out_channels
         self.features.add_module("norm_last", nn.BatchNorm2d(channels))
         self.features.add_module("relu_last", nn.ReLU(inplace=True))
         self.features.add_module("pool_last", nn.AdaptiveAvgPool2d(1))
         self.classifier = nn.Linear(channels, num_classes)
-        self._initialize()
+        self._initialize(init_mode)
 
-    def _initialize(self):
+    @staticmethod
+    def _transition(channels: int, options: LayerOptions, reduction: float | None) -> tuple[nn.Module, int]:
+        """The transition module and its output width."""
+        if reduction is None:
+            return AvgPool2x2(), channels
+        width = compressed_width(channels, reduction, options.group_1x1)
+        return LearnedTransition(channels, width, options), width
+
+    def _initialize(self, init_mode: str):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
+                nn.init.kaiming_normal_(m.weight, mode=init_mode)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -200,19 +260,51 @@ class CondenseNet(nn.Module):
         return x
 
 
+def _options(groups: int, condense_factor: int, dropout_rate: float, group_1x1: int | None,
+             group_3x3: int | None, bottleneck: int) -> LayerOptions:
+    """`groups` is the default of both group_1x1 and group_3x3."""
+    return LayerOptions(group_1x1=groups if group_1x1 is None else group_1x1,
+                        group_3x3=groups if group_3x3 is None else group_3x3,
+                        condense_factor=condense_factor, bottleneck=bottleneck, dropout_rate=dropout_rate)
+
+
 def condensenet_cifar(depth: int = 86, growth_rates=(8, 16, 32), groups: int = 4, condense_factor: int = 4,
-                      num_classes: int = 10, dropout_rate: float = 0.0) -> CondenseNet:
-    """CondenseNet-(6n+2) for 32x32 inputs: 3 stages of n layers, 3x3 stem of 2*growth_rates[0]."""
+                      num_classes: int = 10, dropout_rate: float = 0.0, *, group_1x1: int | None = None,
+                      group_3x3: int | None = None, bottleneck: int = 4, init_mode: str = "fan_in") -> CondenseNet:
+    """CondenseNet-(6n+2) for 32x32 inputs: 3 stages of n layers, 3x3 stem of 2*growth_rates[0].
+
+    The official code's options: `group_1x1` and `group_3x3` (both default to `groups`),
+    `condense_factor`, `bottleneck`, `dropout_rate`; `init_mode="fan_out"` is its weight init
+    (see CondenseNet)."""
     if (depth - 2) % 6 or depth < 8:
         raise ValueError(f"depth must be 6n+2 with n >= 1 (e.g. 50, 86, 182), got {depth}")
     if len(growth_rates) != 3:
         raise ValueError(f"growth_rates must have 3 entries (one per stage), got {tuple(growth_rates)}")
     n = (depth - 2) // 6
-    return CondenseNet((n, n, n), growth_rates, groups, condense_factor, num_classes, stem_stride=1,
-                       dropout_rate=dropout_rate)
+    options = _options(groups, condense_factor, dropout_rate, group_1x1, group_3x3, bottleneck)
+    return CondenseNet((n, n, n), growth_rates, num_classes, stem_stride=1, options=options, init_mode=init_mode)
 
 
-def condensenet74(condense_factor: int = 4, groups: int | None = None, num_classes: int = 1000) -> CondenseNet:
-    """ImageNet CondenseNet-74: stages 4-6-8-10-8, growth 8-16-32-64-128, stride-2 3x3 stem."""
+def condensenet74(condense_factor: int = 4, groups: int | None = None, num_classes: int = 1000, *,
+                  group_1x1: int | None = None, group_3x3: int | None = None, bottleneck: int = 4,
+                  dropout_rate: float = 0.0, init_mode: str = "fan_in") -> CondenseNet:
+    """ImageNet CondenseNet-74: stages 4-6-8-10-8, growth 8-16-32-64-128, stride-2 3x3 stem.
+
+    `groups` defaults to `condense_factor` (C = G, as in the paper) and is the default of `group_1x1`
+    and `group_3x3`; the other options as in condensenet_cifar."""
     groups = condense_factor if groups is None else groups
-    return CondenseNet((4, 6, 8, 10, 8), (8, 16, 32, 64, 128), groups, condense_factor, num_classes, stem_stride=2)
+    options = _options(groups, condense_factor, dropout_rate, group_1x1, group_3x3, bottleneck)
+    return CondenseNet((4, 6, 8, 10, 8), (8, 16, 32, 64, 128), num_classes, stem_stride=2, options=options,
+                       init_mode=init_mode)
+
+
+def densenet_lgc(stages, growth_rates, num_classes: int = 10, stem_stride: int = 1, reduction: float = 0.5, *,
+                 group_1x1: int = 4, group_3x3: int = 4, condense_factor: int = 4, bottleneck: int = 4,
+                 dropout_rate: float = 0.0, init_mode: str = "fan_in") -> CondenseNet:
+    """The official code's DenseNet-LGC: CondenseNet's layers, but each transition is a learned group
+    conv compressing by `reduction` before the pooling (see CondenseNet). `stem_stride` 1 for CIFAR,
+    2 for ImageNet."""
+    options = LayerOptions(group_1x1=group_1x1, group_3x3=group_3x3, condense_factor=condense_factor,
+                           bottleneck=bottleneck, dropout_rate=dropout_rate)
+    return CondenseNet(stages, growth_rates, num_classes, stem_stride, options, transition_reduction=reduction,
+                       init_mode=init_mode)
