@@ -163,10 +163,18 @@ def _affine_relu(x, scale, shift):
     return F.relu(x * _per_channel(scale, x) + _per_channel(shift, x))
 
 
+def fold_batch_norm(weight, bias, running_mean, running_var, eps):
+    """An eval-mode batch norm as one affine map per channel: bn(x) = x * scale + shift (weight and bias
+    None: 1 and 0)."""
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale
+    return scale, shift if bias is None else shift + bias
+
+
 def _bn_relu(x, norm_params, eps):
-    weight, bias, running_mean, running_var = norm_params
-    scale = weight * torch.rsqrt(running_var + eps)
-    return _affine_relu(x, scale, bias - running_mean * scale)
+    return _affine_relu(x, *fold_batch_norm(*norm_params, eps))
 
 
 def _plain_dense_block_forward(input, layer_params, dropout_mask, bottleneck, training, eps):
