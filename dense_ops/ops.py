@@ -194,8 +194,9 @@ def _plain_dense_block_forward(input, layer_params, dropout_mask, bottleneck, tr
             first = features.shape[1] - input.shape[1]
             new = new * dropout_mask[:, first:first + new.shape[1]]
         features = torch.cat([features, new], 1)
-    no_stats = input.new_empty((0,), dtype=stats_dtype(input.dtype))
-    return features, no_stats, no_stats, [], no_stats.view(0, 0), no_stats.view(0, 0)
+    no_stats = input.new_empty((0,), dtype=stats_dtype(input.dtype))  # the op's eval-mode shapes
+    no_bottleneck_stats = no_stats.view(len(layer_params) // per_layer, 0)
+    return features, no_stats, no_stats, [], no_bottleneck_stats, no_bottleneck_stats
 
 
 def dense_block_forward(input, layer_params, dropout_mask, bottleneck, training, keep_bottleneck, eps,
@@ -291,10 +292,9 @@ def _autocast_operand(t, device_type):
 
 def _condensed_conv_autocast(device_type):
     def kernel(input, index, scale, shift, weight, groups, out_scale=None, out_shift=None):
+        input, weight = _autocast_operand(input, device_type), _autocast_operand(weight, device_type)
         with torch.autocast(device_type, enabled=False):
-            return torch.ops.dense_ops.condensed_conv(
-                _autocast_operand(input, device_type), index, scale, shift, _autocast_operand(weight, device_type),
-                groups, out_scale, out_shift)
+            return torch.ops.dense_ops.condensed_conv(input, index, scale, shift, weight, groups, out_scale, out_shift)
     return kernel
 
 

@@ -43,7 +43,7 @@ def assert_onnx_equals_torch(model: nn.Module, x: torch.Tensor, path) -> set[str
     return op_types
 
 
-@pytest.mark.parametrize("bottleneck, depth", [(False, 22), (True, 22)], ids=["densenet22", "densenet-bc22"])
+@pytest.mark.parametrize("bottleneck, depth", [(False, 13), (True, 16)], ids=["densenet13", "densenet-bc16"])
 def test_cifar_densenet(bottleneck, depth, tmp_path):
     torch.manual_seed(0)
     model = randomize_batch_norms(models.densenet_cifar(depth, 12, bottleneck, num_classes=10)).eval()
