@@ -24,10 +24,11 @@ def op_inputs(device, in_channels=24, out_channels=16, groups=4, kept=6):
 
 
 def error_bound(x, index, scale, shift, weight, groups, unit_roundoff):
-    """(bound, exact): the float64 result in plain torch ops and a per-element bound on |low precision - exact|: the input, the BN output and the weight are each
-    rounded once (relative error u each) before the K-term product sum, accumulated in float32
-    (error ~K * 2^-24, negligible), and the result is rounded once more. So
-    |error| <= 3u * sum_k |w_k| (|x_k * s_k| + |t_k|) + u |y|, doubled for margin."""
+    """(bound, exact): the float64 result in plain torch ops, and a per-element bound on
+    |low precision - exact|. The input, the BN output and the weight are each rounded once (relative
+    error u each) before the K-term product sum, accumulated in float32 (error ~K * 2^-24, negligible),
+    and the result is rounded once more. So |error| <= 3u * sum_k |w_k| (|x_k * s_k| + |t_k|) + u |y|,
+    doubled for margin."""
     x, scale, shift, weight = (t.double() for t in (x, scale, shift, weight))
     magnitude = (torch.index_select(x, 1, index) * scale.view(1, -1, 1, 1)).abs() + shift.abs().view(1, -1, 1, 1)
     products = reference.channel_shuffle(F.conv2d(magnitude, weight.abs(), groups=groups), groups)

@@ -16,7 +16,8 @@ onnxruntime = pytest.importorskip("onnxruntime")
 # shuffle and concatenation; plus what the rest of the models needs (pooling, the classifier, the
 # exporter's shape and slice bookkeeping).
 STANDARD_OPS = {"Gather", "Mul", "Add", "Sub", "Relu", "Conv", "Reshape", "Transpose", "Concat", "Sqrt", "Reciprocal",
-                "Div", "AveragePool", "MaxPool", "GlobalAveragePool", "ReduceMean", "Gemm", "MatMul", "Flatten", "Slice",
+                "Div", "AveragePool", "MaxPool", "GlobalAveragePool", "ReduceMean", "Gemm", "MatMul", "Flatten",
+                "Slice",
                 "BatchNormalization", "Constant", "Identity", "Shape", "Cast", "Expand", "ScatterND", "Squeeze",
                 "Unsqueeze", "Range", "Pad", "Where", "Equal", "ConstantOfShape"}
 
