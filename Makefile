@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.14.1 torchvision==0.29.1
-DEPS := ninja setuptools wheel pytest hypothesis expecttest numpy matplotlib tqdm scikit-learn
+DEPS := ninja setuptools wheel pytest hypothesis expecttest numpy matplotlib tqdm scikit-learn timm onnx onnxruntime onnxscript
 export MAX_JOBS ?= 2
 
 .PHONY: test bench install deps clean test-cuda-sim cuda-sim-mutants gpu-check

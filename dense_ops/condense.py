@@ -189,11 +189,7 @@ def group_lasso_loss(model: nn.Module) -> torch.Tensor:
 
 def fold_batch_norm(norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """An eval-mode BN with running statistics as one affine map per channel: norm(x) = x * scale + shift."""
-    scale = torch.rsqrt(norm.running_var + norm.eps)
-    if norm.weight is not None:  # affine=False: weight 1, bias 0
-        scale = scale * norm.weight
-    shift = -norm.running_mean * scale
-    return scale, shift if norm.bias is None else shift + norm.bias
+    return ops.fold_batch_norm(norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps)
 
 
 class CondensedConv(nn.Module):

@@ -1,6 +1,9 @@
 """Swap dense_ops blocks into existing models, weights and optimizer references included."""
 from __future__ import annotations
 
+import sys
+import warnings
+
 import torch
 from torch import nn
 
@@ -8,8 +11,22 @@ from . import functional, reference
 from .nn import DenseBlock, DenseLayer
 
 
+class _Unswappable(ValueError):
+    """A block whose layers are not BN-ReLU-conv as our blocks compute them."""
+
+
+def _timm_types(module_name: str, *class_names: str) -> tuple[type, ...]:
+    """Classes of a timm module if timm is imported (a model holding timm blocks imported it); never imports timm."""
+    module = sys.modules.get(module_name)
+    return tuple(getattr(module, name) for name in class_names) if module is not None else ()
+
+
+def _timm_block_types() -> tuple[type, ...]:
+    return _timm_types("timm.models.densenet", "DenseBlock")
+
+
 def _swappable_types() -> tuple[type, ...]:
-    types: tuple[type, ...] = (reference.DenseBlock,)
+    types: tuple[type, ...] = (reference.DenseBlock, *_timm_block_types())
     try:
         from torchvision.models.densenet import _DenseBlock
     except ImportError:  # torchvision is optional
@@ -26,16 +43,27 @@ def _check_conv(block_name: str, conv: nn.Module, kernel_size: int) -> None:
     if not (isinstance(conv, nn.Conv2d) and conv.bias is None and conv.kernel_size == (kernel_size, kernel_size)
             and conv.stride == (1, 1) and conv.padding == (padding, padding) and conv.dilation == (1, 1)
             and conv.groups == 1 and conv.padding_mode == "zeros"):
-        raise ValueError(f"swap_dense_blocks: {block_name} has a layer whose conv is {conv}, expected a "
+        raise _Unswappable(f"swap_dense_blocks: {block_name} has a layer whose conv is {conv}, expected a "
                          f"{kernel_size}x{kernel_size} Conv2d with stride 1, padding {padding} and no bias")
 
 
-def _check_norm(block_name: str, norm: nn.Module) -> None:
-    # Our blocks compute batch statistics themselves: any other norm would silently become a
-    # plain BatchNorm2d. nn.SyncBatchNorm carries over as a synchronized block.
-    if type(norm) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
-        raise ValueError(f"swap_dense_blocks: {block_name} has a layer whose norm is {type(norm).__name__}, "
-                         "expected torch.nn.BatchNorm2d or torch.nn.SyncBatchNorm")
+def _check_norm(block_name: str, layer: nn.Module, norm: nn.Module) -> None:
+    """The layer must compute relu(norm(x)) with a plain batch norm: torchvision's layers apply their own
+    relu modules after nn.BatchNorm2d, timm's norm modules (BatchNormAct2d) apply the ReLU themselves.
+    Our blocks compute batch statistics themselves: any other norm would silently become a plain
+    BatchNorm2d. nn.SyncBatchNorm (timm: SyncBatchNormAct) carries over as a synchronized block."""
+    if hasattr(layer, "relu1"):
+        if type(norm) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
+            raise _Unswappable(f"swap_dense_blocks: {block_name} has a layer whose norm is {type(norm).__name__}, "
+                               "expected torch.nn.BatchNorm2d or torch.nn.SyncBatchNorm")
+        return
+    if type(norm) not in _timm_types("timm.layers.norm_act", "BatchNormAct2d", "SyncBatchNormAct"):
+        raise _Unswappable(f"swap_dense_blocks: {block_name} has a layer whose norm is {type(norm).__name__}, "
+                           "expected timm's BatchNormAct2d (or SyncBatchNormAct) with a ReLU")
+    act, drop = getattr(norm, "act", None), getattr(norm, "drop", nn.Identity())
+    if type(act) is not nn.ReLU or type(drop) is not nn.Identity:
+        raise _Unswappable(f"swap_dense_blocks: {block_name} has a {type(norm).__name__} whose activation is "
+                           f"{type(act).__name__} and drop is {type(drop).__name__}, expected ReLU and Identity")
 
 
 def _sync_settings(block_name: str, layers: list[nn.Module]) -> tuple[bool, object]:
@@ -46,7 +74,7 @@ def _sync_settings(block_name: str, layers: list[nn.Module]) -> tuple[bool, obje
         return False, None
     groups = {id(norm.process_group) for norm in norms if isinstance(norm, nn.SyncBatchNorm)}
     if not all(synced) or len(groups) > 1:
-        raise ValueError(f"swap_dense_blocks: {block_name} mixes BatchNorm2d and SyncBatchNorm or process groups")
+        raise _Unswappable(f"swap_dense_blocks: {block_name} mixes BatchNorm2d and SyncBatchNorm or process groups")
     return True, norms[0].process_group
 
 
@@ -59,11 +87,11 @@ def _block_geometry(block_name: str, layers: list[nn.Module]) -> tuple[int, int 
     drop_rate = float(layers[0].drop_rate)
     for layer in layers:
         if _is_bottleneck(layer) != bottleneck or float(layer.drop_rate) != drop_rate:
-            raise ValueError(f"swap_dense_blocks: the layers of {block_name} differ in bottleneck or drop_rate")
-        _check_norm(block_name, layer.norm1)
+            raise _Unswappable(f"swap_dense_blocks: the layers of {block_name} differ in bottleneck or drop_rate")
+        _check_norm(block_name, layer, layer.norm1)
         _check_conv(block_name, layer.conv1, 1 if bottleneck else 3)
         if bottleneck:
-            _check_norm(block_name, layer.norm2)
+            _check_norm(block_name, layer, layer.norm2)
             _check_conv(block_name, layer.conv2, 3)
     return layers[0].norm1.num_features, bn_size, growth_rate, drop_rate
 
@@ -86,29 +114,43 @@ def _swap_block(block_name: str, block: nn.Module, recompute: str) -> DenseBlock
     return new_block.train(block.training)
 
 
-def swap_dense_blocks(model: nn.Module, *, recompute: str = "bn_relu") -> nn.Module:
-    """Replaces, in place, every torchvision _DenseBlock and dense_ops.reference.DenseBlock in
-    `model` with a dense_ops.DenseBlock and returns the model.
+def _swap_or_warn(block_name: str, block: nn.Module, recompute: str) -> nn.Module:
+    """The swapped block; a timm block that is not BN-ReLU-conv stays as it is, with a warning
+    (timm builds such blocks from its options: other activations or norms)."""
+    try:
+        return _swap_block(block_name, block, recompute)
+    except _Unswappable as reason:
+        if type(block) not in _timm_block_types():
+            raise
+        warnings.warn(f"{reason}; this timm block is left unchanged", stacklevel=3)
+        return block
 
-    The new blocks take over the old blocks' BatchNorm and Conv modules, so parameters and
-    buffers are the same objects (optimizers keep working), on the same device and dtype;
-    train/eval mode and drop_rate carry over; blocks whose norms are nn.SyncBatchNorm become
-    synchronized blocks over the same process group (see convert_sync_batchnorm). Only these
-    exact classes are swapped: subclasses may change forward and are left alone. If `model`
-    itself is such a block, the new block is returned. `recompute` is passed to every new
-    DenseBlock.
+
+def swap_dense_blocks(model: nn.Module, *, recompute: str = "bn_relu") -> nn.Module:
+    """Replaces, in place, every torchvision _DenseBlock, timm DenseBlock and dense_ops.reference.DenseBlock
+    in `model` with a dense_ops.DenseBlock and returns the model.
+
+    The new blocks take over the old blocks' BatchNorm and Conv modules, so parameter names,
+    parameters and buffers are the same objects (state dicts load both ways, optimizers keep
+    working), on the same device and dtype; train/eval mode and drop_rate carry over; blocks
+    whose norms are nn.SyncBatchNorm (timm: SyncBatchNormAct) become synchronized blocks over the
+    same process group (see convert_sync_batchnorm). timm blocks whose norms are not BatchNormAct2d
+    with a ReLU (other act_layer or norm_layer options) are left as they are, with a warning naming
+    the block; other blocks that cannot be swapped raise ValueError. Only these exact classes are
+    swapped: subclasses may change forward and are left alone. If `model` itself is such a block,
+    the new block is returned. `recompute` is passed to every new DenseBlock.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap_dense_blocks: model must be a torch.nn.Module, got {type(model).__name__}")
     functional.check_recompute(recompute)
     swappable = _swappable_types()
     if type(model) in swappable:
-        return _swap_block(type(model).__name__, model, recompute)
+        return _swap_or_warn(type(model).__name__, model, recompute)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) in swappable:
                 qualified = f"{name}.{child_name}" if name else child_name
-                setattr(module, child_name, _swap_block(qualified, child, recompute))
+                setattr(module, child_name, _swap_or_warn(qualified, child, recompute))
     return model
 
 

@@ -1,14 +1,19 @@
-"""Thin Python layer over torch.ops.dense_ops: fake kernels and autograd registration.
+"""Thin Python layer over torch.ops.dense_ops: fake kernels, autograd and autocast registration,
+and each op's plain-torch form for ONNX export.
 
 The C++ kernels (csrc/) do the work; this module only tells PyTorch the output shapes
-of each op (for torch.compile / export / FakeTensor) and how to differentiate it.
+of each op (for torch.compile / export / FakeTensor), how to differentiate it and how to
+run it under autocast. While torch.onnx.export traces a model, the wrappers below run the
+ops as standard torch ops (gather, batch norm as multiply-add, ReLU, grouped conv, channel
+shuffle, concatenation), which the exporter lowers to standard ONNX operators.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
-from . import _C
+from . import _C, reference
 
 # Position of each parameter of a layer in the flat layer_params list, as the C++ op defines
 # it (csrc/dense_block.h, LayerParam); a layer without a bottleneck has the first five.
@@ -142,11 +147,63 @@ def _backward(ctx, grad_features, *_unused_stat_grads):
 torch.library.register_autograd("dense_ops::dense_block_forward", _backward, setup_context=_setup_context)
 
 
+def exporting_to_onnx() -> bool:
+    """Whether torch.onnx.export is tracing: the op wrappers then run the ops' plain-torch forms."""
+    return torch.onnx.is_in_onnx_export()
+
+
+def _per_channel(t, like):
+    return t.to(like.dtype).view(1, -1, 1, 1)
+
+
+def _affine_relu(x, scale, shift):
+    """relu(x * scale + shift) per channel: an eval-mode batch norm folded into one multiply-add."""
+    return F.relu(x * _per_channel(scale, x) + _per_channel(shift, x))
+
+
+def fold_batch_norm(weight, bias, running_mean, running_var, eps):
+    """An eval-mode batch norm as one affine map per channel: bn(x) = x * scale + shift (weight and bias
+    None: 1 and 0)."""
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale
+    return scale, shift if bias is None else shift + bias
+
+
+def _bn_relu(x, norm_params, eps):
+    return _affine_relu(x, *fold_batch_norm(*norm_params, eps))
+
+
+def _plain_dense_block_forward(input, layer_params, dropout_mask, bottleneck, training, eps):
+    """The block op in plain torch ops, with running statistics (the op's outputs in eval mode)."""
+    if training:
+        raise NotImplementedError("dense_ops: ONNX export of a dense block in training mode (batch statistics) is "
+                                  "not supported; export the model in eval mode (model.eval())")
+    per_layer = params_per_layer(bottleneck)
+    features = input
+    for start in range(0, len(layer_params), per_layer):
+        norm1, conv1 = layer_params[start:start + 4], layer_params[start + 4]
+        new = F.conv2d(_bn_relu(features, norm1, eps), conv1, padding=conv1.shape[-1] // 2)
+        if bottleneck:
+            norm2, conv2 = layer_params[start + 5:start + 9], layer_params[start + 9]
+            new = F.conv2d(_bn_relu(new, norm2, eps), conv2, padding=conv2.shape[-1] // 2)
+        if dropout_mask is not None:
+            first = features.shape[1] - input.shape[1]
+            new = new * dropout_mask[:, first:first + new.shape[1]]
+        features = torch.cat([features, new], 1)
+    no_stats = input.new_empty((0,), dtype=stats_dtype(input.dtype))  # the op's eval-mode shapes
+    no_bottleneck_stats = no_stats.view(len(layer_params) // per_layer, 0)
+    return features, no_stats, no_stats, [], no_bottleneck_stats, no_bottleneck_stats
+
+
 def dense_block_forward(input, layer_params, dropout_mask, bottleneck, training, recompute, eps,
                         sync_group=None):
     """Runs the whole block; returns (features, batch_mean, batch_var, saved_bottleneck,
     bottleneck_mean, bottleneck_var). recompute: "bn_relu" keeps the bottleneck outputs in
     saved_bottleneck, "bottleneck" keeps nothing but the features. See csrc/dense_ops.cpp."""
+    if exporting_to_onnx():
+        return _plain_dense_block_forward(input, layer_params, dropout_mask, bottleneck, training, eps)
     return torch.ops.dense_ops.dense_block_forward(input, layer_params, dropout_mask, bottleneck, training,
                                                    recompute, eps, sync_group)
 
@@ -192,14 +249,69 @@ def _condensed_conv_backward(ctx, grad):
 torch.library.register_autograd("dense_ops::condensed_conv", _condensed_conv_backward)
 
 
+def _plain_condensed_conv(input, index, scale, shift, weight, groups, out_scale=None, out_shift=None):
+    """The condensed conv in plain torch ops: index_select, multiply-add, ReLU, grouped conv, shuffle."""
+    x = _affine_relu(torch.index_select(input, 1, index), scale, shift)
+    y = reference.channel_shuffle(F.conv2d(x, weight.reshape(weight.shape[0], -1, 1, 1), groups=groups), groups)
+    return y if out_scale is None else _affine_relu(y, out_scale, out_shift)
+
+
 def condensed_conv(input, index, scale, shift, weight, groups, out_scale=None, out_shift=None):
     """Gather input[:, index] -> relu(x * scale + shift) -> grouped 1x1 conv -> channel shuffle, as one op.
     index, scale, shift: [groups * K]; weight: [O, K] or [O, K, 1, 1]. With out_scale and out_shift
     ([O], per output channel) the op returns relu(y * out_scale + out_shift): the next BN and ReLU, fused."""
+    if exporting_to_onnx():
+        return _plain_condensed_conv(input, index, scale, shift, weight, groups, out_scale, out_shift)
     return torch.ops.dense_ops.condensed_conv(input, index, scale, shift, weight, groups, out_scale, out_shift)
 
 
 def condensed_conv_into(input, index, scale, shift, weight, groups, out, out_offset, out_scale=None, out_shift=None):
     """condensed_conv written into channels [out_offset, out_offset + O) of the preallocated out."""
+    if exporting_to_onnx():
+        out[:, out_offset:out_offset + weight.shape[0]] = _plain_condensed_conv(
+            input, index, scale, shift, weight, groups, out_scale, out_shift)
+        return
     torch.ops.dense_ops.condensed_conv_into(input, index, scale, shift, weight, groups, out, out_offset, out_scale,
                                             out_shift)
+
+
+# --- Autocast: the condensed conv runs in the autocast dtype, as a convolution does ---------------
+# The gathered input and the weight are cast (float64 stays, as autocast leaves it); the folded BN
+# scale and shift stay float32: the kernels apply them and accumulate the GEMM in float32.
+
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+_autocast_library = torch.library.Library("dense_ops", "IMPL")  # kept alive: it holds the registrations
+
+
+def _autocast_operand(t, device_type):
+    if not t.is_floating_point() or t.dtype == torch.float64 or t.device.type != device_type:
+        return t
+    return t.to(torch.get_autocast_dtype(device_type))
+
+
+def _condensed_conv_autocast(device_type):
+    def kernel(input, index, scale, shift, weight, groups, out_scale=None, out_shift=None):
+        input, weight = _autocast_operand(input, device_type), _autocast_operand(weight, device_type)
+        with torch.autocast(device_type, enabled=False):
+            return torch.ops.dense_ops.condensed_conv(input, index, scale, shift, weight, groups, out_scale, out_shift)
+    return kernel
+
+
+def _condensed_conv_into_autocast(device_type):
+    def kernel(input, index, scale, shift, weight, groups, out, out_offset, out_scale=None, out_shift=None):
+        input, weight = _autocast_operand(input, device_type), _autocast_operand(weight, device_type)
+        with torch.autocast(device_type, enabled=False):
+            if out.dtype == input.dtype:
+                torch.ops.dense_ops.condensed_conv_into(input, index, scale, shift, weight, groups, out, out_offset,
+                                                        out_scale, out_shift)
+                return
+            # The kernel writes its own dtype: computed in the autocast dtype, then copied into `out`.
+            result = torch.ops.dense_ops.condensed_conv(input, index, scale, shift, weight, groups, out_scale,
+                                                        out_shift)
+            out[:, out_offset:out_offset + result.shape[1]] = result
+    return kernel
+
+
+for _device_type, _key in _AUTOCAST_KEYS.items():
+    _autocast_library.impl("condensed_conv", _condensed_conv_autocast(_device_type), _key)
+    _autocast_library.impl("condensed_conv_into", _condensed_conv_into_autocast(_device_type), _key)
