@@ -36,7 +36,7 @@ TRAINING_SHAPES = {
               {"num_layers": 4, "c0": 8, "growth": 4, "bn_size": 4, "batch": 2, "size": 8}),
     "densenet_cifar": ({"depth": 100, "growth": 12, "batch": 64, "size": 32},
                        {"depth": 40, "growth": 12, "batch": 2, "size": 16}),
-    "densenet121": ({"batch": 64, "size": 224}, {"batch": 1, "size": 32}),
+    "densenet121": ({"batch": 64, "size": 224}, {"batch": 2, "size": 32}),  # 2: BN needs 2 values at 1x1
 }
 CONDENSENET_BATCHES = ((1, 64), (1, 2))
 CONDENSENET_SIZE = (224, 64)
@@ -140,18 +140,20 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, help="steps before timing (default 3; the dry run 1)")
+    parser.add_argument("--repeats", type=int, help="timed steps (default 10; the dry run 2)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks.gpu: no CUDA device is visible (use --device cpu for the dry run)")
     dry_run = device.type == "cpu"
+    warmup = args.warmup if args.warmup is not None else (1 if dry_run else 3)
+    repeats = args.repeats if args.repeats is not None else (2 if dry_run else 10)
     os.makedirs(args.out, exist_ok=True)
     info = machine(device)
     rows = []
     for config, precision in configurations(dry_run):
-        row = run_one(config, device, precision, args.warmup, args.repeats)
+        row = run_one(config, device, precision, warmup, repeats)
         rows.append(row)
         print(f"{row['workload']:15s} {precision:14s} {row['impl']:22s} {row['median_ms']:9.2f} ms"
               + ("" if row["peak_mib"] is None else f" {row['peak_mib']:9.0f} MiB"), flush=True)
