@@ -111,7 +111,8 @@ def _torch_requirement():
     if "sdist" in sys.argv[1:]:
         return f"torch>={oldest},<{first_unsupported}"
     built = torch.__version__.split("+")[0]
-    if not oldest <= torch.__version__ < first_unsupported and os.environ.get("DENSE_OPS_ANY_TORCH") != "1":
+    supported = torch.__version__ >= oldest and torch.__version__ < first_unsupported  # TorchVersion compares as versions
+    if not supported and os.environ.get("DENSE_OPS_ANY_TORCH") != "1":
         raise RuntimeError(
             f"dense-ops supports torch >={oldest},<{first_unsupported}, but this build would be compiled against "
             f"torch {torch.__version__}. Install a supported torch and build with `pip install --no-build-isolation`, "
