@@ -43,6 +43,8 @@ clean:
 # $(VENV)'s (torch, setuptools, ninja, pip) through a .pth file naming $(VENV)'s site-packages, so torch
 # (several GB) is not installed again; dense-ops goes into the new environment's own site-packages,
 # ahead of $(VENV)'s on sys.path (the .pth files there, such as an editable install's, are not read).
+# pip installs it with --ignore-installed (it would skip a wheel whose version it sees in $(VENV), e.g. the
+# editable install of make test) and --no-deps (dist_check.py checks the wheel requires this very torch).
 DIST_DIR := build/dist-check
 DIST_PY := $(DIST_DIR)/venv/bin/python
 SITE_PACKAGES := -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"
@@ -55,7 +57,7 @@ dist-check: deps
 	$(PY) -m venv --without-pip $(DIST_DIR)/venv
 	$(PY) $(SITE_PACKAGES) > "$$($(DIST_PY) $(SITE_PACKAGES))/base-environment.pth"
 	$(DIST_PY) -m pip wheel --no-build-isolation --no-deps --wheel-dir $(DIST_DIR) $(DIST_DIR)/dense_ops-*.tar.gz
-	$(DIST_PY) -m pip install --no-index $(DIST_DIR)/dense_ops-*.whl
+	$(DIST_PY) -m pip install --no-index --no-deps --ignore-installed $(DIST_DIR)/dense_ops-*.whl
 	cd $(DIST_DIR) && venv/bin/python -I $(CURDIR)/tests/dist_check.py --source $(CURDIR) dense_ops-*.tar.gz dense_ops-*.whl
 
 # make sanitize: builds a copy of the extension with AddressSanitizer + UBSan (in build/sanitize, so the
