@@ -4,11 +4,15 @@ CPU sources always; CUDA sources too when a GPU is visible or FORCE_CUDA=1 (a
 compile-only build on a GPU-less machine; it needs nvcc). TORCH_CUDA_ARCH_LIST is
 honoured; unset, torch builds for the visible GPUs, or we default to DEFAULT_ARCHS
 when there are none.
+
+Package metadata lives in pyproject.toml; this file computes what must be code: the extension and
+the torch requirement (a range in the source package, the exact torch a binary was built against).
 """
 import glob
 import os
 import re
 import shutil
+import sys
 
 
 def _locate_cuda_home():
@@ -28,7 +32,7 @@ if _cuda_home:
     os.environ["CUDA_HOME"] = _cuda_home  # must be set before cpp_extension is imported
 
 import torch  # noqa: E402
-from setuptools import find_packages, setup  # noqa: E402
+from setuptools import setup  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -103,15 +107,41 @@ def _extension():
                          extra_link_args=openmp)
 
 
+def _supported_torch():
+    """pyproject.toml's [tool.dense-ops] torch-min and torch-below: the one place the range is written."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11: the build requirement tomli
+        import tomli as tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as file:
+        config = tomllib.load(file)["tool"]["dense-ops"]
+    return config["torch-min"], config["torch-below"]
+
+
+def _torch_requirement():
+    """What the package needs at run time, as pip will read it.
+
+    The source package (setuptools writes its metadata under the sdist command) accepts the supported
+    range. Every other command (bdist_wheel, dist_info, editable installs) describes a build compiled
+    against this torch, and the import check in dense_ops/__init__.py refuses any other torch, so it
+    requires exactly this torch.
+    """
+    oldest, first_unsupported = _supported_torch()
+    if "sdist" in sys.argv[1:]:
+        return f"torch>={oldest},<{first_unsupported}"
+    built = torch.__version__.split("+")[0]
+    supported = torch.__version__ >= oldest and torch.__version__ < first_unsupported  # TorchVersion compares as versions
+    if not supported and os.environ.get("DENSE_OPS_ANY_TORCH") != "1":
+        raise RuntimeError(
+            f"dense-ops supports torch >={oldest},<{first_unsupported}, but this build would be compiled against "
+            f"torch {torch.__version__}. Install a supported torch and build with `pip install --no-build-isolation`, "
+            "or set DENSE_OPS_ANY_TORCH=1 to try this one (make compat-check TORCH=<version> runs the tests).")
+    return f"torch=={built}"
+
+
 setup(
-    name="dense-ops",
-    version="0.1.0",
-    description="Memory-efficient DenseNet and CondenseNet ops for PyTorch (C++/CUDA)",
-    packages=find_packages(include=["dense_ops", "dense_ops.*"]),
+    # name, version, description and the rest: pyproject.toml's [project] table.
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.9",
-    install_requires=["torch"],
-    extras_require={"test": ["pytest", "hypothesis", "torchvision", "expecttest"],
-                    "bench": ["torchvision", "matplotlib", "tqdm"]},
+    install_requires=[_torch_requirement()],
 )

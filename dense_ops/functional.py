@@ -30,7 +30,9 @@ def _check_input(input: torch.Tensor, in_channels: int) -> None:
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    if not torch.amp.is_autocast_available(device_type):  # e.g. meta tensors
+    # Meta tensors have no autocast. torch 2.11's dynamo cannot trace is_autocast_available, and a compiled
+    # graph never runs on meta tensors, so the check is left out of compiled code.
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
         return None
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 

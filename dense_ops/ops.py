@@ -141,7 +141,10 @@ def _backward(ctx, grad_features, *_unused_stat_grads):
         g if ctx.layer_needs_grad[i // per_layer] and i % per_layer not in RUNNING_STAT_SLOTS else None
         for i, g in enumerate(grad_params)
     ]
-    return grad_input if ctx.input_needs_grad else None, grads, None, None, None, None, None, None
+    grads_per_argument = (grad_input if ctx.input_needs_grad else None, grads, None, None, None, None, None, None)
+    # One gradient per argument the call passed (needs_input_grad has their count): the dispatcher drops a
+    # trailing argument equal to its schema default (sync_group=None), and torch 2.11 refuses a longer tuple.
+    return grads_per_argument[:len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd("dense_ops::dense_block_forward", _backward, setup_context=_setup_context)
