@@ -20,8 +20,9 @@ MUTANTS = {
     "pixel lanes offset by one thread (threadIdx.x + 1)": (
         ["bn_kernels.cu.cc", "return threadIdx.x / kChannelLanes;", "return (threadIdx.x + 1) / kChannelLanes;"],
         "bn_relu_forward or block_matches"),
-    "channel lanes offset by one thread (threadIdx.x + 1)": (
-        ["bn_kernels.cu.cc", "threadIdx.x % kChannelLanes : 0;", "(threadIdx.x + 1) % kChannelLanes : 0;"],
+    # ((threadIdx.x + 1) % kChannelLanes would only permute the lanes of a tile: still correct.)
+    "channel lanes shifted by one (threadIdx.x % lanes + 1)": (
+        ["bn_kernels.cu.cc", "threadIdx.x % kChannelLanes : 0;", "threadIdx.x % kChannelLanes + 1 : 0;"],
         "bn_input_grad or block_matches"),
     "tree starts at a quarter of the pixel lanes": (
         ["bn_kernels.cu.cc", "int stride = T::kPixelLanes / 2;", "int stride = T::kPixelLanes / 4;"],
