@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import dense_ops
 from dense_ops.models import condensenet_cifar
-from dense_ops.utils import count_flops_params
+from dense_ops.flops import count_flops_params
 
 
 def digits_data(seed: int):

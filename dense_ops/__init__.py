@@ -26,21 +26,23 @@ def _load_extension():
 _C = _load_extension()
 
 from . import ops  # noqa: E402  (registers fake kernels and autograd)
-from . import functional, reference  # noqa: E402
+from . import functional  # noqa: E402
 from .nn import DenseBlock, DenseLayer, Transition  # noqa: E402
 from .condense import (CondensedConv, CondensedLinear, LearnedGroupConv, condense, group_lasso_loss,  # noqa: E402
                        update_condensation)
-from . import utils  # noqa: E402
+from . import flops  # noqa: E402
 from . import models  # noqa: E402
 from .convert import convert_sync_batchnorm, swap_dense_blocks  # noqa: E402
+from . import reference  # noqa: E402  (last: the naive forms depend on the package, never the reverse)
 
 
 def build_info() -> dict:
-    """What this build was compiled with: {'torch_version', 'cuda', 'cuda_version', 'cuda_archs'}."""
+    """What this build was compiled with: torch_version, cuda, cuda_version, cuda_archs,
+    parallel_backend (torch's, which the CPU kernels use) and parallel_kernels (whether they run in parallel)."""
     return dict(_C.build_info())
 
 
 __all__ = ["CondensedConv", "CondensedLinear", "DenseBlock", "DenseLayer", "LearnedGroupConv", "Transition",
-           "build_info", "condense", "convert_sync_batchnorm", "functional", "group_lasso_loss", "models", "ops",
-           "reference", "swap_dense_blocks", "update_condensation", "utils"]
+           "build_info", "condense", "convert_sync_batchnorm", "flops", "functional", "group_lasso_loss", "models",
+           "ops", "reference", "swap_dense_blocks", "update_condensation"]
 __version__ = "0.1.0"

@@ -19,19 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops, reference
-
-
-def _check_positive(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def needs_grad(x: torch.Tensor, *modules: nn.Module) -> bool:
-    """Whether autograd records a call on `x` through `modules`: grad mode is on and the input or a
-    parameter requires grad. The inference-only fast paths run whenever it does not."""
-    return torch.is_grad_enabled() and (x.requires_grad or any(
-        p.requires_grad for m in modules for p in m.parameters()))
+from . import ops
+from ._common import check_positive, needs_grad
 
 
 def condensation_stage(progress: float, condense_factor: int) -> int:
@@ -57,7 +46,7 @@ class LearnedGroupConv(nn.Module):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups),
                             ("condense_factor", condense_factor)):
-            _check_positive(name, value)
+            check_positive(name, value)
         if in_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
         if in_channels % condense_factor:
@@ -192,19 +181,28 @@ def fold_batch_norm(norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return ops.fold_batch_norm(norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps)
 
 
+def unfused_condensed_conv(input: torch.Tensor, index: torch.Tensor, norm: nn.BatchNorm2d, weight: torch.Tensor,
+                           groups: int) -> torch.Tensor:
+    """CondenseNet's inference layer step by step, as the official code runs it: index_select -> BN ->
+    ReLU -> grouped 1x1 conv -> channel shuffle. Differentiable, and BN in its own mode (batch
+    statistics in training)."""
+    x = F.relu(norm(torch.index_select(input, 1, index)))
+    return ops.channel_shuffle(F.conv2d(x, weight.view(weight.shape[0], -1, 1, 1), groups=groups), groups)
+
+
 class CondensedConv(nn.Module):
     """The inference form of a LearnedGroupConv: gather input channels `index` (K per group),
     BN + ReLU, grouped 1x1 conv, channel shuffle; one fused op (dense_ops.ops.condensed_conv).
 
     Training mode, or inputs/parameters that need gradients, run the equivalent differentiable
-    reference path (dense_ops.reference.condensed_conv).
+    step-by-step path (unfused_condensed_conv).
     """
 
     def __init__(self, in_channels: int, out_channels: int, groups: int, kept_per_group: int):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups),
                             ("kept_per_group", kept_per_group)):
-            _check_positive(name, value)
+            check_positive(name, value)
         if out_channels % groups:
             raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -271,9 +269,9 @@ class CondensedConv(nn.Module):
             return f"indices must be in [0, {self.in_channels}), got [{int(index.min())}, {int(index.max())}]"
         return None
 
-    def _needs_reference(self, x: torch.Tensor, *modules: nn.Module) -> bool:
+    def _needs_unfused(self, x: torch.Tensor, *modules: nn.Module) -> bool:
         modules = (self, *modules)
-        return any(m.training for m in modules) or needs_grad(x, *modules)
+        return any(m.training for m in modules) or needs_grad(x, *(p for m in modules for p in m.parameters()))
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -283,7 +281,7 @@ class CondensedConv(nn.Module):
         """relu(norm(self(x))) for the BatchNorm2d that follows this layer: in eval mode, when no
         gradient is needed, the norm's affine and the ReLU are applied by the op as it writes its output."""
         self._check_input(x)
-        if self._needs_reference(x, norm) or norm.running_mean is None:  # no running stats: nothing to fold
+        if self._needs_unfused(x, norm) or norm.running_mean is None:  # no running stats: nothing to fold
             return F.relu(norm(self(x)))
         scale, shift = self.folded_norm()
         return ops.condensed_conv(x, self.index, scale, shift, self.weight, self.groups, *fold_batch_norm(norm))
@@ -291,8 +289,8 @@ class CondensedConv(nn.Module):
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, out_offset: int = 0) -> torch.Tensor:
         """Returns the output, or writes it into out[:, out_offset:out_offset + out_channels] and returns out."""
         self._check_input(x)
-        if self._needs_reference(x):
-            y = reference.condensed_conv(x, self.index, self.norm, self.weight, self.groups)
+        if self._needs_unfused(x):
+            y = unfused_condensed_conv(x, self.index, self.norm, self.weight, self.groups)
             if out is None:
                 return y
             out[:, out_offset:out_offset + self.out_channels] = y
@@ -315,7 +313,7 @@ class CondensedLinear(nn.Module):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features),
                             ("kept_features", kept_features)):
-            _check_positive(name, value)
+            check_positive(name, value)
         if kept_features > in_features:
             raise ValueError(f"kept_features ({kept_features}) must not exceed in_features ({in_features})")
         self.in_features = in_features
@@ -357,7 +355,7 @@ def condense(model: nn.Module, prune_classifier: bool = True) -> nn.Module:
 
     Its parameters do not require grad (``requires_grad_(False)``), so calling it takes the fused
     path with or without ``torch.no_grad()``; an input that requires grad, or parameters set back
-    to ``requires_grad_(True)`` (fine-tuning), run the differentiable reference path instead."""
+    to ``requires_grad_(True)`` (fine-tuning), run the differentiable step-by-step path instead."""
     new = copy.deepcopy(model)
     for name, module in list(new.named_modules()):
         if isinstance(module, LearnedGroupConv):

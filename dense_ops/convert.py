@@ -7,8 +7,9 @@ import warnings
 import torch
 from torch import nn
 
-from . import functional, reference
+from . import functional
 from .nn import DenseBlock, DenseLayer
+from .nn.unfused import UnfusedDenseBlock
 
 
 class _Unswappable(ValueError):
@@ -26,7 +27,7 @@ def _timm_block_types() -> tuple[type, ...]:
 
 
 def _swappable_types() -> tuple[type, ...]:
-    types: tuple[type, ...] = (reference.DenseBlock, *_timm_block_types())
+    types: tuple[type, ...] = (UnfusedDenseBlock, *_timm_block_types())
     try:
         from torchvision.models.densenet import _DenseBlock
     except ImportError:  # torchvision is optional

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from ._common import needs_grad
 
 RECOMPUTE_LEVELS = ("bn_relu", "bottleneck")
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -80,8 +81,7 @@ def dense_block(input: torch.Tensor, layer_params: Sequence[torch.Tensor], *, bo
         dropout_mask = torch.empty((n, num_layers * growth, h, w), dtype=input.dtype, device=input.device)
         dropout_mask = dropout_mask.bernoulli_(keep).div_(keep) if keep > 0 else dropout_mask.zero_()
 
-    needs_grad = torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in params))
-    kept_for_backward = recompute if needs_grad else "bottleneck"  # with no backward, keep nothing
+    kept_for_backward = recompute if needs_grad(input, *params) else "bottleneck"  # with no backward, keep nothing
     features, batch_mean, batch_var, _, bottleneck_mean, bottleneck_var = ops.dense_block_forward(
         input, params, dropout_mask, bottleneck, training, kept_for_backward, eps, sync_group)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
-from . import _C, reference
+from . import _C
 
 # Position of each parameter of a layer in the flat layer_params list, as the C++ op defines
 # it (csrc/dense_block.h, LayerParam); a layer without a bottleneck has the first five.
@@ -218,6 +218,12 @@ def update_running_stats(running_mean, running_var, batch_mean, batch_var, momen
 
 # --- CondenseNet: the condensed 1x1 convolution (csrc/common/condense_math.h) -------------------
 
+def channel_shuffle(x, groups):
+    """Channel g*D + j moves to j*groups + g (ShuffleNet's shuffle, as CondenseNet applies it)."""
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
 def _condensed_out_channels(weight, groups):
     torch._check(groups > 0, lambda: f"condensed_conv: groups must be positive, got {groups}")
     torch._check(weight.shape[0] % groups == 0,
@@ -255,7 +261,7 @@ torch.library.register_autograd("dense_ops::condensed_conv", _condensed_conv_bac
 def _plain_condensed_conv(input, index, scale, shift, weight, groups, out_scale=None, out_shift=None):
     """The condensed conv in plain torch ops: index_select, multiply-add, ReLU, grouped conv, shuffle."""
     x = _affine_relu(torch.index_select(input, 1, index), scale, shift)
-    y = reference.channel_shuffle(F.conv2d(x, weight.reshape(weight.shape[0], -1, 1, 1), groups=groups), groups)
+    y = channel_shuffle(F.conv2d(x, weight.reshape(weight.shape[0], -1, 1, 1), groups=groups), groups)
     return y if out_scale is None else _affine_relu(y, out_scale, out_shift)
 
 

@@ -5,19 +5,6 @@ import torch
 from torch import nn
 
 
-def randomize_batch_norms(module: nn.Module) -> nn.Module:
-    """Non-trivial affine parameters and running statistics, so mistakes cannot hide."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.num_batches_tracked.fill_(3)
-    return module
-
-
 def forward_backward(model: nn.Module, x: torch.Tensor, seed: int = 0, input_grad: bool = True):
     """One step: returns (output, input grad, {param name: grad}, {buffer name: value})."""
     x = x.detach().clone().requires_grad_(input_grad)

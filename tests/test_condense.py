@@ -14,10 +14,9 @@ from dense_ops import CondensedConv, CondensedLinear, LearnedGroupConv, condense
 from dense_ops.condense import _learned_group_convs as learned_group_convs, condensation_stage, fold_batch_norm
 from dense_ops.models import condensenet74, condensenet_cifar
 from dense_ops.models.condensenet import average_pool_2x2_into, block_diagonal
-from dense_ops.utils import count_flops_params
+from dense_ops.flops import count_flops_params
+from conftest import DEVICES
 from helpers import randomize_batch_norms as randomize
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
 
 
 def condensed_layer(in_channels=12, out_channels=8, groups=4, kept=2, dtype=torch.float64, device="cpu"):

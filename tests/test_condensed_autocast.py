@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import dense_ops
 from dense_ops import models, ops, reference
-from model_helpers import randomize_batch_norms
+from helpers import randomize_batch_norms
 
 # (device, the autocast dtype it is tested with, that dtype's unit roundoff)
 AUTOCAST = [("cpu", torch.bfloat16, 2.0 ** -8),

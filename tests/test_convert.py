@@ -8,7 +8,8 @@ from torch import nn
 from torchvision.models.densenet import _DenseBlock, _Transition
 
 import dense_ops
-from model_helpers import assert_same_step, randomize_batch_norms
+from helpers import randomize_batch_norms
+from model_helpers import assert_same_step
 
 
 def _swapped_copy(model, **kwargs):

@@ -8,7 +8,8 @@ from torch import nn
 
 import dense_ops
 from dense_ops import models
-from model_helpers import assert_same_step, randomize_batch_norms
+from helpers import randomize_batch_norms
+from model_helpers import assert_same_step
 
 TORCHVISION_PAIRS = [
     (models.densenet121, torchvision.models.densenet121),

@@ -15,7 +15,7 @@ import official_condensenet as official
 from dense_ops import CondensedConv, LearnedGroupConv, condense
 from dense_ops.models import (LayerOptions, condensenet74, condensenet_cifar, densenet_lgc,
                               load_official_condensenet)
-from dense_ops.utils import count_flops_params
+from dense_ops.flops import count_flops_params
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 # float64 through both models: only summation order differs (~1e-15 relative at these magnitudes).

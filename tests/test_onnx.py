@@ -6,7 +6,7 @@ from torch import nn
 
 import dense_ops
 from dense_ops import models
-from model_helpers import randomize_batch_norms
+from helpers import randomize_batch_norms
 
 pytest.importorskip("onnxscript")  # torch.onnx's dynamo exporter needs it
 onnx = pytest.importorskip("onnx")

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import dense_ops
-from model_helpers import assert_same_step, randomize_batch_norms
+from helpers import randomize_batch_norms
+from model_helpers import assert_same_step
 
 timm = pytest.importorskip("timm")
 from timm.layers import convert_sync_batchnorm  # noqa: E402

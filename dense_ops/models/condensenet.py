@@ -10,8 +10,8 @@ parameter names are the official code's (``load_official_condensenet`` loads its
 In inference (no gradient needed: grad mode off, or neither the input nor any parameter requires
 grad, as in the output of ``dense_ops.condense``), a block writes every layer's new features into
 one preallocated [N, C_total, H, W] buffer and each layer reads a prefix view of it: no torch.cat;
-a transition pools straight into the next block's buffer, and on CPU thin-group 3x3 convs run as
-dense block-diagonal convs (see THIN_GROUP_INPUTS). Training concatenates, since autograd needs the
+the 2x2 transition pools are strided adds (average_pool_2x2_into), and on CPU thin-group 3x3 convs
+run as dense block-diagonal convs (see THIN_GROUP_INPUTS). Training concatenates, since autograd needs the
 earlier layers' inputs unchanged. ``reference.unfused_condensenet`` turns all of this off.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch._prims_common import suggest_memory_format
 
-from ..condense import CondensedConv, LearnedGroupConv, _check_positive, needs_grad
-from ..nn.dense import has_hooks
+from .._common import check_positive, has_hooks, needs_grad
+from ..condense import CondensedConv, LearnedGroupConv
 
 INIT_MODES = ("fan_in", "fan_out")
 # CPU inference runs a grouped 3x3 conv with at most this many input channels per group as one dense
@@ -68,7 +68,7 @@ class LayerOptions:
 
     def __post_init__(self):
         for name in ("group_1x1", "group_3x3", "condense_factor", "bottleneck"):
-            _check_positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
 
 
 class CondenseLayer(nn.Module):
@@ -111,14 +111,16 @@ def average_pool_2x2_into(x: torch.Tensor, out: torch.Tensor) -> None:
 
 
 class AvgPool2x2(nn.AvgPool2d):
-    """2x2 average pooling with stride 2 that can write into a slice of a preallocated buffer (`out`)."""
+    """2x2 average pooling with stride 2; without autograd, through average_pool_2x2_into."""
 
     def __init__(self):
         super().__init__(kernel_size=2, stride=2)
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if out is None:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if needs_grad(x):
             return super().forward(x)
+        out = torch.empty((*x.shape[:2], x.shape[2] // 2, x.shape[3] // 2), dtype=x.dtype, device=x.device,
+                          memory_format=suggest_memory_format(x))
         average_pool_2x2_into(x, out)
         return out
 
@@ -148,24 +150,18 @@ class CondenseBlock(nn.ModuleDict):
             self.add_module(f"denselayer_{i + 1}", CondenseLayer(in_channels + i * growth_rate, growth_rate, options))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.preallocate and not needs_grad(x, self):
+        if self.preallocate and not needs_grad(x, *self.parameters()):
             with torch.no_grad():  # changes nothing here, but spares the layers the same check
                 return self._forward_into_buffer(x)
         for layer in self.values():
             x = torch.cat([x, layer(x)], 1)
         return x
 
-    def _forward_into_buffer(self, x: torch.Tensor, pool: AvgPool2x2 | None = None) -> torch.Tensor:
-        """With `pool`, the block's input is pool(x), written straight into the buffer."""
+    def _forward_into_buffer(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        if pool is not None:
-            h, w = h // 2, w // 2
         buffer = torch.empty((n, self.out_channels, h, w), dtype=x.dtype, device=x.device,
                              memory_format=suggest_memory_format(x))
-        if pool is not None:
-            pool(x, out=buffer[:, :c])
-        else:
-            buffer[:, :c].copy_(x)
+        buffer[:, :c].copy_(x)
         for layer in self.values():
             buffer[:, c:c + self.growth_rate].copy_(layer.inference_forward(buffer[:, :c]))
             c += self.growth_rate
@@ -237,27 +233,12 @@ class CondenseNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if needs_grad(x, self):
+        if needs_grad(x, *self.parameters()):
             features = self.features(x)
         else:
             with torch.no_grad():  # changes nothing here, but spares every module below the same check
-                features = self._inference_features(x)
+                features = self.features(x)
         return self.classifier(torch.flatten(features, 1))
-
-    def _inference_features(self, x: torch.Tensor) -> torch.Tensor:
-        """self.features(x), but each 2x2 transition pool followed by a preallocating block pools
-        straight into that block's buffer."""
-        modules = list(self.features.children())
-        i = 0
-        while i < len(modules):
-            following = modules[i + 1] if i + 1 < len(modules) else None
-            if isinstance(modules[i], AvgPool2x2) and isinstance(following, CondenseBlock) and following.preallocate:
-                x = following._forward_into_buffer(x, pool=modules[i])
-                i += 2
-            else:
-                x = modules[i](x)
-                i += 1
-        return x
 
 
 def _options(groups: int, condense_factor: int, dropout_rate: float, group_1x1: int | None,

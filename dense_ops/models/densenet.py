@@ -5,7 +5,7 @@ both ways with strict=True. `block_type` picks the dense block implementation, s
 benchmarks can build one architecture three ways:
 
 - "dense_ops":  dense_ops.DenseBlock (shared buffer, recomputation; the default),
-- "naive":      dense_ops.reference.DenseBlock (torch.cat, keeps every intermediate),
+- "naive":      the module-by-module block (dense_ops.reference.DenseBlock: torch.cat, keeps every intermediate),
 - "checkpoint": torchvision's _DenseBlock with memory_efficient=True (torch.utils.checkpoint).
 """
 from __future__ import annotations
@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import functional, reference
+from .. import functional
 from ..nn import DenseBlock, Transition
+from ..nn.unfused import UnfusedDenseBlock
 
 BLOCK_TYPES = ("dense_ops", "naive", "checkpoint")
 
@@ -46,16 +47,14 @@ def _make_block(block_type: str, num_layers: int, num_input_features: int, bn_si
         return DenseBlock(num_layers, num_input_features, bn_size, growth_rate, drop_rate, memory_efficient,
                           recompute=recompute)
     if block_type == "naive":
-        return reference.DenseBlock(num_layers, num_input_features, bn_size, growth_rate, drop_rate)
+        return UnfusedDenseBlock(num_layers, num_input_features, bn_size, growth_rate, drop_rate)
     return _torchvision_densenet()._DenseBlock(num_layers, num_input_features, bn_size, growth_rate, drop_rate,
                                              memory_efficient=True)
 
 
 def _make_transition(block_type: str, num_input_features: int, num_output_features: int) -> nn.Module:
-    if block_type == "dense_ops":
+    if block_type in ("dense_ops", "naive"):
         return Transition(num_input_features, num_output_features)
-    if block_type == "naive":
-        return reference.Transition(num_input_features, num_output_features)
     return _torchvision_densenet()._Transition(num_input_features, num_output_features)
 
 

@@ -5,22 +5,19 @@ load both ways with strict=True; the block runs as one compiled op over a shared
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import functional, ops, reference
+from .. import functional, ops
+from .._common import has_hooks
+from .unfused import Transition, UnfusedDenseBlock, UnfusedDenseLayer
 
-
-def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+__all__ = ["DenseBlock", "DenseLayer", "Transition", "run_layers", "sync_group_name"]
 
 
 def _layer_params(layer: nn.Module) -> list[torch.Tensor]:
-    names = ops.PARAM_NAMES if layer.bottleneck else ops.PARAM_NAMES[:5]
+    names = ops.PARAM_NAMES[:ops.params_per_layer(layer.bottleneck)]
     return [layer.get_parameter(n) if n.endswith(("weight", "bias")) else layer.get_buffer(n) for n in names]
 
 
@@ -33,35 +30,25 @@ def _momentum_factors(norms: list[nn.BatchNorm2d]) -> list[float]:
     return [1.0 / float(bn.num_batches_tracked + 1) if bn.momentum is None else bn.momentum for bn in norms]
 
 
-def has_hooks(*modules: nn.Module) -> bool:
-    """Whether calling the modules one by one would run hooks (global or their own, forward or
-    backward), which a fused op would skip."""
-    from torch.nn.modules import module as torch_module
-    global_hooks = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks,
-                    torch_module._global_backward_hooks, torch_module._global_backward_pre_hooks)
-    return any(global_hooks) or any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                                    or m._backward_pre_hooks for m in modules)
-
-
 def _norms_of(layers: list[nn.Module]) -> list[nn.BatchNorm2d]:
     return [norm for layer in layers for norm in _norms(layer)]
 
 
-def _fused_modes(layers: list[nn.Module]) -> tuple[bool, bool] | None:
-    """(batch-norm training, dropout training) when the layers can run as one block op, or None
-    when they must run module by module for the op to mean the same: their batch norms, or the
-    layers themselves, disagree on train/eval mode (a BN frozen with .eval() in a training model
-    uses its running statistics), the drop rates differ, a norm lacks affine parameters or
-    running statistics or has another eps, or hooks are registered on their submodules."""
-    norms = _norms_of(layers)
-    norm_modes, layer_modes = {bn.training for bn in norms}, {layer.training for layer in layers}
-    if len(norm_modes) > 1 or len(layer_modes) > 1 or len({layer.drop_rate for layer in layers}) > 1:
-        return None
-    if any(not (bn.affine and bn.track_running_stats) or bn.eps != norms[0].eps for bn in norms):
-        return None
+def _why_not_fused(layers: list[nn.Module], norms: list[nn.BatchNorm2d]) -> str | None:
+    """Why the layers must run module by module for the block op to mean the same, or None when
+    they can run as one op."""
+    if len({bn.training for bn in norms}) > 1 or len({layer.training for layer in layers}) > 1:
+        return ("its layers or batch norms differ in train/eval mode (a batch norm frozen with .eval() in a "
+                "training model uses its running statistics)")
+    if len({layer.drop_rate for layer in layers}) > 1:
+        return "its layers differ in drop_rate"
+    if any(not (bn.affine and bn.track_running_stats) for bn in norms):
+        return "a batch norm lacks affine parameters or running statistics"
+    if any(bn.eps != norms[0].eps for bn in norms):
+        return "its batch norms differ in eps"
     if has_hooks(*(m for layer in layers for m in layer.children())):
-        return None
-    return norm_modes.pop(), layer_modes.pop()
+        return "hooks are registered on its layers' modules"
+    return None
 
 
 def sync_group_name(module: nn.Module) -> str | None:
@@ -77,16 +64,14 @@ def sync_group_name(module: nn.Module) -> str | None:
 def run_layers(layers: list[nn.Module], x: torch.Tensor, recompute: str, sync_group: str | None = None
                ) -> torch.Tensor | None:
     """Runs consecutive dense layers (DenseLayer or torchvision-compatible) as one block op;
-    returns None when they cannot run as one (see _fused_modes) and must run module by module."""
-    modes = _fused_modes(layers)
-    if modes is None:
-        if sync_group is not None:
-            raise ValueError("dense_ops: a synchronized dense block must run as one op, but its layers or batch "
-                             "norms differ in train/eval mode, drop_rate or eps, lack affine parameters or "
-                             "running statistics, or have hooks")
-        return None
-    bn_training, dropout_training = modes
+    returns None when they cannot run as one (see _why_not_fused) and must run module by module."""
     norms = _norms_of(layers)
+    reason = _why_not_fused(layers, norms)
+    if reason is not None:
+        if sync_group is not None:
+            raise ValueError(f"dense_ops: a synchronized dense block must run as one op, but {reason}")
+        return None
+    bn_training, dropout_training = norms[0].training, layers[0].training
     params = [t for layer in layers for t in _layer_params(layer)]
     features = functional.dense_block(
         x, params, bottleneck=layers[0].bottleneck, training=bn_training,
@@ -99,7 +84,7 @@ def run_layers(layers: list[nn.Module], x: torch.Tensor, recompute: str, sync_gr
     return features
 
 
-class DenseLayer(reference.DenseLayer):
+class DenseLayer(UnfusedDenseLayer):
     """torchvision's _DenseLayer (same names); forward(inputs) returns the k new channels.
 
     `memory_efficient` is kept for signature compatibility: this layer never keeps
@@ -108,12 +93,6 @@ class DenseLayer(reference.DenseLayer):
 
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int | None, drop_rate: float = 0.0,
                  memory_efficient: bool = False):
-        _check_positive("num_input_features", num_input_features)
-        _check_positive("growth_rate", growth_rate)
-        if bn_size is not None and bn_size != 0:
-            _check_positive("bn_size", bn_size)
-        if not 0.0 <= drop_rate <= 1.0:
-            raise ValueError(f"drop_rate must be in [0, 1], got {drop_rate!r}")
         super().__init__(num_input_features, growth_rate, bn_size, drop_rate)
         self.memory_efficient = memory_efficient
         self.sync_batchnorm, self.process_group = False, None  # see dense_ops.convert_sync_batchnorm
@@ -126,7 +105,7 @@ class DenseLayer(reference.DenseLayer):
         return features[:, x.shape[1]:]
 
 
-class DenseBlock(nn.ModuleDict):
+class DenseBlock(UnfusedDenseBlock):
     """torchvision's _DenseBlock (same names) as one op over a preallocated shared buffer.
 
     forward(x: [N, C, H, W]) -> [N, C + num_layers * growth_rate, H, W].
@@ -135,36 +114,20 @@ class DenseBlock(nn.ModuleDict):
     """
 
     _version = 2
+    layer_type = DenseLayer
 
     def __init__(self, num_layers: int, num_input_features: int, bn_size: int | None, growth_rate: int,
                  drop_rate: float = 0.0, memory_efficient: bool = True, *, recompute: str = "bn_relu"):
-        super().__init__()
-        _check_positive("num_layers", num_layers)
-        self.recompute = functional.check_recompute(recompute)
+        recompute = functional.check_recompute(recompute)
+        super().__init__(num_layers, num_input_features, bn_size, growth_rate, drop_rate)
+        self.recompute = recompute
         self.memory_efficient = memory_efficient
         self.sync_batchnorm, self.process_group = False, None  # see dense_ops.convert_sync_batchnorm
-        for i in range(num_layers):
-            self.add_module(f"denselayer{i + 1}", DenseLayer(num_input_features + i * growth_rate, growth_rate,
-                                                             bn_size, drop_rate))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = list(self.values())
         features = None if has_hooks(*layers) else run_layers(layers, x, self.recompute, sync_group_name(self))
-        if features is None:  # module by module, as torchvision's block runs
-            outputs = [x]
-            for layer in layers:
-                outputs.append(layer(outputs))
-            features = torch.cat(outputs, 1)
-        return features
+        return super().forward(x) if features is None else features  # else module by module
 
     def extra_repr(self) -> str:
         return f"recompute={self.recompute!r}" + (", sync_batchnorm=True" if self.sync_batchnorm else "")
-
-
-class Transition(reference.Transition):
-    """torchvision's _Transition: BN-ReLU-Conv1x1-AvgPool2x2 (same names)."""
-
-    def __init__(self, num_input_features: int, num_output_features: int):
-        _check_positive("num_input_features", num_input_features)
-        _check_positive("num_output_features", num_output_features)
-        super().__init__(num_input_features, num_output_features)
