@@ -6,6 +6,7 @@ import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -110,14 +111,25 @@ def test_condensed_conv_applies_the_next_batch_norm_and_relu(device, channels_la
             torch.testing.assert_close(layer.forward_bn_relu(x, plain), torch.relu(plain(layer(x))))
 
 
-def test_condensed_conv_half_precision_accumulates_in_float():
-    layer = condensed_layer(dtype=torch.float32)
-    x = torch.randn(2, 12, 3, 3)
-    index, scale, shift, weight, groups = op_args(layer)
-    actual = dense_ops.ops.condensed_conv(x.bfloat16(), index, scale, shift, weight.bfloat16(), groups)
-    with torch.no_grad():
-        expected = reference.condensed_conv(x, layer.index, layer.norm, layer.weight, layer.groups)
-    torch.testing.assert_close(actual.float(), expected, rtol=2e-2, atol=5e-2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_condensed_conv_low_precision_accumulates_in_float(device):
+    """512 products per output, each about 1: a bfloat16 running sum stalls once it passes 256 (where
+    its spacing is 2), a float32 one leaves only the output's own rounding (2^-8 relative)."""
+    groups, kept, out_channels = 2, 512, 4
+    index = torch.arange(groups * kept, device=device)
+    scale, shift = torch.ones(groups * kept, device=device), torch.zeros(groups * kept, device=device)
+    weight = (torch.rand(out_channels, kept) + 0.5).bfloat16().to(device)
+    x = (torch.rand(2, groups * kept, 2, 3) + 0.5).bfloat16().to(device)
+    actual = dense_ops.ops.condensed_conv(x, index, scale, shift, weight, groups)
+    exact = dense_ops.ops.channel_shuffle(
+        F.conv2d(x.double(), weight.double().view(out_channels, kept, 1, 1), groups=groups), groups)
+    torch.testing.assert_close(actual.double(), exact, rtol=2 ** -8, atol=0)
+    # The bound above tells the accumulators apart: a bfloat16 running sum misses it by far.
+    running = torch.zeros((), dtype=torch.bfloat16)
+    for term in (weight[0].double() * x[0, :kept, 0, 0].double()).cpu():
+        running = running + term.bfloat16()
+    first_output = exact[0, 0, 0, 0].item()  # shuffled channel 0 is group 0's output 0
+    assert abs(running.item() - first_output) > 10 * 2 ** -8 * first_output
 
 
 def test_condensed_conv_opcheck():
@@ -525,18 +537,30 @@ def test_model_builders_reject_zero_groups():
             build()
 
 
-def test_training_step_with_condensation():
+def test_training_with_condensation():
+    """A short run through every condensation stage: the masks keep 1/C of each group's inputs, the
+    dropped connections get no gradient, the loss on the batch falls, and the condensed model computes
+    what the trained one does."""
     model = condensenet_cifar(depth=8, growth_rates=(4, 4, 4), num_classes=3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
-    for step in range(3):
-        dense_ops.update_condensation(model, step / 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.randn(8, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    losses = []
+    for step in range(8):
+        dense_ops.update_condensation(model, step / 7)
         loss = nn.functional.cross_entropy(model(x), y) + 1e-3 * group_lasso_loss(model)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert torch.isfinite(loss)
-    assert all(layer.fully_condensed for layer in learned_group_convs(model))
+        losses.append(loss.item())
+    layers = learned_group_convs(model)
+    for layer in layers:
+        assert layer.fully_condensed
+        assert (layer.kept_inputs().sum(1) == layer.in_channels // layer.condense_factor).all()
+        assert (layer.conv.weight.grad[layer.mask == 0] == 0).all()
+    assert losses[-1] < losses[0], losses
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(condense(model, prune_classifier=False)(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("builder,input_size,flops,params", [
