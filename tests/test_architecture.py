@@ -4,6 +4,9 @@ import ast
 import importlib.machinery
 from pathlib import Path
 
+import pytest
+import torch
+
 import dense_ops
 
 PACKAGE_DIR = Path(dense_ops.__file__).parent
@@ -101,3 +104,18 @@ def test_no_import_cycles():
 def test_only_the_package_facade_imports_the_reference():
     importers = {module for module, targets in import_graph().items() if "dense_ops.reference" in targets}
     assert importers == {"dense_ops"}
+
+
+def test_python_recompute_levels_are_the_ops():
+    """functional.RECOMPUTE_LEVELS names the levels the C++ op parses (Recompute in csrc/dense_block.h)."""
+    block = dense_ops.DenseBlock(2, 4, 2, 4).double()
+    params = [t for layer in block.values() for t in dense_ops.nn.dense._layer_params(layer)]
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+
+    def run(level):
+        return torch.ops.dense_ops.dense_block_forward(x, params, None, True, True, level, 1e-5, None)
+
+    for level in dense_ops.functional.RECOMPUTE_LEVELS:
+        run(level)
+    with pytest.raises(RuntimeError, match="recompute"):
+        run("everything")
