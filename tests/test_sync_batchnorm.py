@@ -88,3 +88,39 @@ def test_convert_sync_batchnorm_rejects_models_without_our_blocks():
         dense_ops.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))
     with pytest.raises(TypeError, match="model"):
         dense_ops.convert_sync_batchnorm("not a model")
+
+
+def _frozen_norm(block):
+    block.denselayer2.norm1.eval()
+
+
+def _other_drop_rate(block):
+    block.denselayer2.drop_rate = 0.5
+
+
+def _no_affine(block):
+    block.denselayer2.norm1.affine = False
+
+
+def _other_eps(block):
+    block.denselayer2.norm2.eps = 1e-3
+
+
+def _hook(block):
+    block.denselayer2.conv1.register_forward_hook(lambda *args: None)
+
+
+@pytest.mark.parametrize("change, reason", [
+    (_frozen_norm, "differ in train/eval mode"), (_other_drop_rate, "differ in drop_rate"),
+    (_no_affine, "lacks affine parameters"), (_other_eps, "differ in eps"), (_hook, "hooks are registered"),
+])
+def test_unfusable_synchronized_block_names_the_reason(change, reason):
+    """A synchronized block cannot fall back to module-by-module BN (it would not synchronize): the
+    error says which of the reasons holds, and only that one."""
+    block = dense_ops.DenseBlock(3, 4, 2, 4)
+    change(block)
+    with pytest.raises(ValueError, match="must run as one op") as error:
+        dense_ops.nn.dense.run_layers(list(block.values()), torch.randn(2, 4, 3, 3), "bn_relu", sync_group="0")
+    reasons = ("differ in train/eval mode", "differ in drop_rate", "lacks affine parameters", "differ in eps",
+               "hooks are registered")
+    assert [r for r in reasons if r in str(error.value)] == [reason]
