@@ -9,7 +9,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEPS := ninja "setuptools>=77" wheel pytest hypothesis expecttest numpy matplotlib tqdm scikit-learn timm onnx onnxruntime onnxscript
 export MAX_JOBS ?= 2
 
-.PHONY: test bench install deps clean test-cuda-sim cuda-sim-mutants gpu-check
+.PHONY: test test-fast bench install deps clean test-cuda-sim cuda-sim-mutants gpu-check
 
 # What a copy of the source tree needs to build and run the tests (make sanitize, make compat-check).
 SOURCE_TREE := setup.py pyproject.toml MANIFEST.in README.md LICENSE csrc dense_ops tests benchmarks
@@ -27,8 +27,12 @@ install: deps
 	$(PY) -m pip install --no-build-isolation -v -e .
 	$(PY) -c "import dense_ops; print('dense_ops build:', dense_ops.build_info())"
 
+# make test runs every test, the `slow` ones too (CI runs it); make test-fast leaves those out.
 test: install
 	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: install
 	$(PY) -m benchmarks --quick

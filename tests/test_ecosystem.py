@@ -52,6 +52,7 @@ def test_compile_block_inductor_train_and_eval():
     _assert_compiled_equals_eager(block, torch.randn(2, 4, 5, 5), backend="inductor")
 
 
+@pytest.mark.slow
 def test_compile_whole_model_without_graph_breaks():
     # aot_eager traces exactly what inductor sees (fake kernels, autograd) without its
     # C++ code generation, which takes a minute per graph on this CPU.
@@ -205,5 +206,6 @@ def _ddp_steps(rank, world_size):
         torch.testing.assert_close(gathered[0], gathered[1], atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo_matches_naive(tmp_path):
     run_gloo_ranks(_ddp_steps, 2, str(tmp_path / "ddp_init"))

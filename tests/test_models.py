@@ -19,6 +19,7 @@ TORCHVISION_PAIRS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ours_fn, theirs_fn", TORCHVISION_PAIRS, ids=lambda f: getattr(f, "__name__", ""))
 def test_torchvision_state_dict_loads_both_ways(ours_fn, theirs_fn):
     theirs = theirs_fn(weights=None)
@@ -41,6 +42,7 @@ def test_densenet121_uses_dense_ops_modules():
     assert len(transitions) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_densenet121_matches_torchvision(training):
     torch.manual_seed(0)

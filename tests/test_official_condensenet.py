@@ -113,6 +113,7 @@ def test_training_checkpoint_keeps_masks_and_stage(name):
         assert torch.all(layer.kept_inputs().sum(1) == layer.in_channels // layer.condense_factor)
 
 
+@pytest.mark.slow
 def test_condensenet74_checkpoint_gives_the_official_outputs():
     """The full CondenseNet-74 (too large to commit: made here as the fixtures are) at a 64x64 input: its
     final map is 2x2, so the reference pools 2x2 (the official AvgPool2d(7) is the global pooling at 224)."""

@@ -70,6 +70,7 @@ def condensed_condensenet(depth=14):
     return dense_ops.condense(model.eval())
 
 
+@pytest.mark.slow
 def test_condensed_condensenet(tmp_path):
     model = condensed_condensenet()
     assert any(isinstance(m, dense_ops.CondensedConv) for m in model.modules())

@@ -55,6 +55,7 @@ def assert_close_scaled(actual, expected, tol, name):
     torch.testing.assert_close(actual.to(expected.dtype), expected, atol=tol * scale, rtol=tol, msg=name)
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(config=block_configs, data=inputs)
 def test_block_matches_naive(config, data):

@@ -287,6 +287,7 @@ def resident_bytes():
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc")
 @pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
                     reason="AddressSanitizer's quarantine keeps freed memory resident (make sanitize)")
+@pytest.mark.slow
 @pytest.mark.parametrize("recompute", ["bn_relu", "bottleneck"])
 def test_resident_memory_stays_flat_over_training_steps(recompute):
     # One step's feature buffer is 16 * 64 * 16 * 16 * 4 bytes = 1 MiB: leaking it every step shows
@@ -340,6 +341,7 @@ def test_saved_buffers_released_when_graph_is_freed(bn_size, recompute, drop_rat
 
 # -------------------------------------------------------------------- CondenseNet gradcheck
 
+@pytest.mark.slow
 def test_learned_group_conv_gradcheck_in_training_with_dropout():
     layer = randomize_batch_norms(LearnedGroupConv(8, 4, 2, 2, dropout_rate=0.3)).double().train()
     dense_ops.update_condensation(layer, 0.6)  # stage 1: half of each group's inputs dropped

@@ -69,6 +69,7 @@ def _steps(rank, world_size):
         _check_case(rank, bn_size, recompute)
 
 
+@pytest.mark.slow
 def test_sync_batchnorm_two_ranks_match_naive_on_whole_batch(tmp_path):
     run_gloo_ranks(_steps, 2, str(tmp_path / "sync_init"))
 

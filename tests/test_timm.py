@@ -56,6 +56,7 @@ def test_swapped_variant_equals_timm(name, training):
     assert_same_step(swapped, original, torch.randn(3, 3, 32, 32, dtype=torch.float64), atol=1e-9)
 
 
+@pytest.mark.slow
 def test_full_size_densenet121_training_step_equals_timm():
     original = timm_model("densenet121").train()
     swapped = swapped_copy(original)
