@@ -26,7 +26,8 @@ def params_per_layer(bottleneck: bool) -> int:
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """The dtype of the ops' statistics for input of `dtype`: the C++ rule (csrc/dtypes.h)."""
+    return _C.stats_dtype(dtype)
 
 
 def _block_geometry(input, layer_params, bottleneck):

@@ -89,6 +89,8 @@ struct PlaneStrides {
 
 #include <optional>
 
+#include "dtypes.h"
+
 namespace dense_ops {
 namespace condense {
 
@@ -174,7 +176,7 @@ inline Epilogue check_epilogue(const Problem& p, const at::Tensor& input, const 
     TORCH_CHECK(affine->device() == input.device(), "condensed_conv: out_scale and out_shift must be on the input's "
                 "device ", input.device(), ", got one on ", affine->device());
   }
-  const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = stats_dtype(input.scalar_type());
   return {out_scale->to(acc_type).contiguous(), out_shift->to(acc_type).contiguous()};
 }
 
@@ -196,7 +198,7 @@ inline void run_into(const Kernels& kernels, const Problem& p, const at::Tensor&
   if (slice.numel() == 0) return;
   const auto format = p.pixel_major ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor input = spatial_dims_merge(input_arg) ? input_arg : input_arg.contiguous(format);
-  const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = stats_dtype(input.scalar_type());
 
   const PackedLayout operand_layout = p.operand_layout();
   at::Tensor operand = at::empty({p.groups * p.kept * p.pixels()}, input.options());
