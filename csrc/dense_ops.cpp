@@ -46,10 +46,6 @@ TORCH_LIBRARY(dense_ops, m) {
   m.def(
       "condensed_conv(Tensor input, Tensor index, Tensor scale, Tensor shift, Tensor weight, int groups, "
       "Tensor? out_scale=None, Tensor? out_shift=None) -> Tensor");
-  // The same, written into channels [out_offset, out_offset + O) of a preallocated buffer.
-  m.def(
-      "condensed_conv_into(Tensor input, Tensor index, Tensor scale, Tensor shift, Tensor weight, int groups, "
-      "Tensor(a!) out, int out_offset, Tensor? out_scale=None, Tensor? out_shift=None) -> ()");
 }
 
 namespace {

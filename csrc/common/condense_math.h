@@ -180,60 +180,32 @@ inline Epilogue check_epilogue(const Problem& p, const at::Tensor& input, const 
   return {out_scale->to(acc_type).contiguous(), out_shift->to(acc_type).contiguous()};
 }
 
-inline void check_output(const Problem& p, const at::Tensor& input, const at::Tensor& out, int64_t out_offset) {
-  TORCH_CHECK(out.dim() == 4 && out.size(0) == p.batch && out.size(2) == p.height && out.size(3) == p.width,
-              "condensed_conv_into: out must be [", p.batch, ", C, ", p.height, ", ", p.width, "], got ", out.sizes());
-  TORCH_CHECK(out_offset >= 0 && out_offset + p.out_channels() <= out.size(1), "condensed_conv_into: out_offset ",
-              out_offset, " + out_channels ", p.out_channels(), " exceeds out's ", out.size(1), " channels");
-  TORCH_CHECK(out.scalar_type() == input.scalar_type() && out.device() == input.device(),
-              "condensed_conv_into: out must have the input's dtype and device (", input.scalar_type(), " on ",
-              input.device(), "), got ", out.scalar_type(), " on ", out.device());
+// One GEMM per group, through ATen: the packed result in result_layout().
+inline at::Tensor grouped_gemm(const Problem& p, const at::Tensor& operand, const at::Tensor& weight) {
+  const at::Tensor grouped_weight = weight.reshape({p.groups, p.per_group_out, p.kept});
+  if (p.pixel_major) return at::bmm(operand.view({p.groups, p.pixels(), p.kept}), grouped_weight.transpose(1, 2));
+  return at::bmm(grouped_weight, operand.view({p.groups, p.kept, p.pixels()}));
 }
 
 // The whole op: gather + BN + ReLU into the packed operand, one GEMM per group, shuffled scatter.
-inline void run_into(const Kernels& kernels, const Problem& p, const at::Tensor& input_arg, const at::Tensor& index,
-                     const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
-                     const Epilogue& epilogue, at::Tensor& out, int64_t out_offset) {
-  at::Tensor slice = out.narrow(1, out_offset, p.out_channels());
-  if (slice.numel() == 0) return;
+inline at::Tensor run(const Kernels& kernels, const at::Tensor& input_arg, const at::Tensor& index,
+                      const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight, int64_t groups,
+                      const OptionalTensor& out_scale, const OptionalTensor& out_shift) {
+  const Problem p = check_arguments(input_arg, index, scale, shift, weight, groups);
+  const Epilogue epilogue = check_epilogue(p, input_arg, out_scale, out_shift);
   const auto format = p.pixel_major ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  // A new tensor in `format`: its H and W strides merge, as the scatter's PlaneStrides needs.
+  at::Tensor out = at::empty({p.batch, p.out_channels(), p.height, p.width}, input_arg.options().memory_format(format));
+  if (out.numel() == 0) return out;
   const at::Tensor input = spatial_dims_merge(input_arg) ? input_arg : input_arg.contiguous(format);
   const auto acc_type = stats_dtype(input.scalar_type());
 
-  const PackedLayout operand_layout = p.operand_layout();
   at::Tensor operand = at::empty({p.groups * p.kept * p.pixels()}, input.options());
   kernels.gather(input, plane_strides(input), index.contiguous(), scale.to(acc_type).contiguous(),
-                 shift.to(acc_type).contiguous(), operand, operand_layout);
-
-  const at::Tensor grouped_weight = weight.reshape({p.groups, p.per_group_out, p.kept});
-  const at::Tensor result =
-      p.pixel_major ? at::bmm(operand.view({p.groups, p.pixels(), p.kept}), grouped_weight.transpose(1, 2))
-                    : at::bmm(grouped_weight, operand.view({p.groups, p.kept, p.pixels()}));
-
-  at::Tensor target = spatial_dims_merge(slice) ? slice : at::empty_like(slice, format);
-  kernels.scatter(result.contiguous(), p.result_layout(), p.groups, epilogue, target, plane_strides(target));
-  if (!target.is_same(slice)) slice.copy_(target);
-}
-
-inline at::Tensor run(const Kernels& kernels, const at::Tensor& input, const at::Tensor& index,
-                      const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight, int64_t groups,
-                      const OptionalTensor& out_scale, const OptionalTensor& out_shift) {
-  const Problem p = check_arguments(input, index, scale, shift, weight, groups);
-  const Epilogue epilogue = check_epilogue(p, input, out_scale, out_shift);
-  const auto format = p.pixel_major ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  at::Tensor out = at::empty({p.batch, p.out_channels(), p.height, p.width}, input.options().memory_format(format));
-  run_into(kernels, p, input, index, scale, shift, weight, epilogue, out, 0);
+                 shift.to(acc_type).contiguous(), operand, p.operand_layout());
+  const at::Tensor result = grouped_gemm(p, operand, weight).contiguous();
+  kernels.scatter(result, p.result_layout(), p.groups, epilogue, out, plane_strides(out));
   return out;
-}
-
-inline void run_into_checked(const Kernels& kernels, const at::Tensor& input, const at::Tensor& index,
-                             const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
-                             int64_t groups, at::Tensor& out, int64_t out_offset, const OptionalTensor& out_scale,
-                             const OptionalTensor& out_shift) {
-  const Problem p = check_arguments(input, index, scale, shift, weight, groups);
-  const Epilogue epilogue = check_epilogue(p, input, out_scale, out_shift);
-  check_output(p, input, out, out_offset);
-  run_into(kernels, p, input, index, scale, shift, weight, epilogue, out, out_offset);
 }
 
 }  // namespace condense

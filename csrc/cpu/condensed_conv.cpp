@@ -140,19 +140,10 @@ at::Tensor condensed_conv_cpu(const at::Tensor& input, const at::Tensor& index, 
   return condense::run(kCpuKernels, input, index, scale, shift, weight, groups, out_scale, out_shift);
 }
 
-void condensed_conv_into_cpu(const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
-                             const at::Tensor& shift, const at::Tensor& weight, int64_t groups, at::Tensor out,
-                             int64_t out_offset, const condense::OptionalTensor& out_scale,
-                             const condense::OptionalTensor& out_shift) {
-  condense::run_into_checked(kCpuKernels, input, index, scale, shift, weight, groups, out, out_offset, out_scale,
-                             out_shift);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dense_ops, CPU, m) {
   m.impl("condensed_conv", &condensed_conv_cpu);
-  m.impl("condensed_conv_into", &condensed_conv_into_cpu);
 }
 
 }  // namespace dense_ops

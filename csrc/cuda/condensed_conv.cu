@@ -111,24 +111,10 @@ at::Tensor condensed_conv_cuda(const at::Tensor& input, const at::Tensor& index,
   return condense::run(kCudaKernels, input, index, scale, shift, weight, groups, out_scale, out_shift);
 }
 
-void condensed_conv_into_cuda(const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
-                              const at::Tensor& shift, const at::Tensor& weight, int64_t groups, at::Tensor out,
-                              int64_t out_offset, const condense::OptionalTensor& out_scale,
-                              const condense::OptionalTensor& out_shift) {
-  check_same_cuda_device("condensed_conv_into",
-                         {{"input", input}, {"index", index}, {"scale", scale}, {"shift", shift}, {"weight", weight},
-                          {"out", out}, {"out_scale", out_scale.value_or(at::Tensor())},
-                          {"out_shift", out_shift.value_or(at::Tensor())}});
-  const c10::cuda::CUDAGuard guard(input.device());
-  condense::run_into_checked(kCudaKernels, input, index, scale, shift, weight, groups, out, out_offset, out_scale,
-                             out_shift);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dense_ops, CUDA, m) {
   m.impl("condensed_conv", &condensed_conv_cuda);
-  m.impl("condensed_conv_into", &condensed_conv_into_cuda);
 }
 
 }  // namespace dense_ops
