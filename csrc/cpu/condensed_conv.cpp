@@ -1,12 +1,13 @@
 // CPU kernels of the condensed 1x1 convolution: the gather + BN + ReLU operand load and the
 // shuffled scatter, own loops parallelized with at::parallel_for; the index math from
-// common/condense_math.h and the GEMM through ATen. Registered for the CPU key.
+// common/condense_math.h, the rest of the op from condensed_conv.cpp. Registered for the CPU key.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "common/condense_math.h"
+#include "condensed_conv.h"
 #include "cpu/static_flags.h"
 
 namespace dense_ops {

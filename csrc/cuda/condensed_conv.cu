@@ -1,6 +1,6 @@
 // CUDA kernels of the condensed 1x1 convolution: the gather + BN + ReLU operand load and the
-// shuffled scatter, with the index math of common/condense_math.h; the GEMM runs through
-// at::bmm (cuBLAS). Registered for the CUDA key.
+// shuffled scatter, with the index math of common/condense_math.h; the rest of the op, the GEMM
+// through at::bmm (cuBLAS) included, is condensed_conv.cpp's. Registered for the CUDA key.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -12,6 +12,7 @@
 #include <algorithm>
 
 #include "common/condense_math.h"
+#include "condensed_conv.h"
 #include "cuda/device_checks.h"
 
 namespace dense_ops {
