@@ -59,15 +59,16 @@ Problem check_arguments(const at::Tensor& input, const at::Tensor& index, const 
           pixel_major};
 }
 
-Epilogue check_epilogue(const Problem& p, const at::Tensor& input, const OptionalTensor& out_scale,
+Epilogue check_epilogue(const Problem& problem, const at::Tensor& input, const OptionalTensor& out_scale,
                         const OptionalTensor& out_shift) {
   TORCH_CHECK(out_scale.has_value() == out_shift.has_value(),
               "condensed_conv: out_scale and out_shift must be given together");
   if (!out_scale.has_value()) return {};
   for (const auto* affine : {&*out_scale, &*out_shift}) {
-    TORCH_CHECK(affine->dim() == 1 && affine->numel() == p.out_channels() && at::isFloatingType(affine->scalar_type()),
+    TORCH_CHECK(affine->dim() == 1 && affine->numel() == problem.out_channels() &&
+                    at::isFloatingType(affine->scalar_type()),
                 "condensed_conv: out_scale and out_shift must be floating 1-D tensors of out_channels=",
-                p.out_channels(), " elements, got shape ", affine->sizes());
+                problem.out_channels(), " elements, got shape ", affine->sizes());
     TORCH_CHECK(affine->device() == input.device(), "condensed_conv: out_scale and out_shift must be on the input's "
                 "device ", input.device(), ", got one on ", affine->device());
   }
@@ -88,20 +89,21 @@ at::Tensor grouped_gemm(const Problem& p, const at::Tensor& operand, const at::T
 at::Tensor run(const Kernels& kernels, const at::Tensor& input_arg, const at::Tensor& index,
                const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight, int64_t groups,
                const OptionalTensor& out_scale, const OptionalTensor& out_shift) {
-  const Problem p = check_arguments(input_arg, index, scale, shift, weight, groups);
-  const Epilogue epilogue = check_epilogue(p, input_arg, out_scale, out_shift);
-  const auto format = p.pixel_major ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const Problem problem = check_arguments(input_arg, index, scale, shift, weight, groups);
+  const Epilogue epilogue = check_epilogue(problem, input_arg, out_scale, out_shift);
+  const auto format = problem.pixel_major ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   // A new tensor in `format`: its H and W strides merge, as the scatter's PlaneStrides needs.
-  at::Tensor out = at::empty({p.batch, p.out_channels(), p.height, p.width}, input_arg.options().memory_format(format));
+  at::Tensor out = at::empty({problem.batch, problem.out_channels(), problem.height, problem.width},
+                             input_arg.options().memory_format(format));
   if (out.numel() == 0) return out;
   const at::Tensor input = spatial_dims_merge(input_arg) ? input_arg : input_arg.contiguous(format);
   const auto acc_type = stats_dtype(input.scalar_type());
 
-  at::Tensor operand = at::empty({p.groups * p.kept * p.pixels()}, input.options());
+  at::Tensor operand = at::empty({problem.groups * problem.kept * problem.pixels()}, input.options());
   kernels.gather(input, plane_strides(input), index.contiguous(), scale.to(acc_type).contiguous(),
-                 shift.to(acc_type).contiguous(), operand, p.operand_layout());
-  const at::Tensor result = grouped_gemm(p, operand, weight).contiguous();
-  kernels.scatter(result, p.result_layout(), p.groups, epilogue, out, plane_strides(out));
+                 shift.to(acc_type).contiguous(), operand, problem.operand_layout());
+  const at::Tensor result = grouped_gemm(problem, operand, weight).contiguous();
+  kernels.scatter(result, problem.result_layout(), problem.groups, epilogue, out, plane_strides(out));
   return out;
 }
 
