@@ -67,12 +67,12 @@ struct Block {
 };
 
 // BN1-ReLU-conv1x1 of bottleneck layer l into `out` ([N, bottleneck_width, H, W]).
-void bottleneck_forward(const Block& b, int64_t l, const at::Tensor& out);
+void bottleneck_forward(const Block& block, int64_t l, const at::Tensor& out);
 
 // Its backward given grad_out, the gradient of `out`: recomputes BN1-ReLU, adds conv1's
 // weight gradient to grad_conv1 (stats dtype; undefined when not needed), and runs the fused
 // BN1-ReLU backward into the block's accumulator and the layer's sums (float64).
-void bottleneck_backward(const Block& b, int64_t l, const at::Tensor& grad_out, const at::Tensor& accumulated,
+void bottleneck_backward(const Block& block, int64_t l, const at::Tensor& grad_out, const at::Tensor& accumulated,
                          bool accumulate, const at::Tensor& grad_conv1, const at::Tensor& sum_dy_xhat,
                          const at::Tensor& sum_dy);
 

@@ -61,27 +61,27 @@ BlockShape check_block(const at::Tensor& input, at::TensorList params, bool bott
   shape.bottleneck_width = bottleneck ? param(params, bottleneck, 0, kConv1Weight).size(0) : 0;
   TORCH_CHECK(shape.growth > 0, "dense_block: growth rate must be positive");
   for (int64_t l = 0; l < shape.num_layers; ++l) {
-    const int64_t c = shape.channels(l);
-    check_vector(param(params, bottleneck, l, kNorm1Weight), c, "norm1.weight", l, input);
-    check_vector(param(params, bottleneck, l, kNorm1Bias), c, "norm1.bias", l, input);
+    const int64_t channels = shape.channels(l);
+    check_vector(param(params, bottleneck, l, kNorm1Weight), channels, "norm1.weight", l, input);
+    check_vector(param(params, bottleneck, l, kNorm1Bias), channels, "norm1.bias", l, input);
     if (with_running_stats) {
-      check_vector(param(params, bottleneck, l, kNorm1Mean), c, "norm1.running_mean", l, input);
-      check_vector(param(params, bottleneck, l, kNorm1Var), c, "norm1.running_var", l, input);
+      check_vector(param(params, bottleneck, l, kNorm1Mean), channels, "norm1.running_mean", l, input);
+      check_vector(param(params, bottleneck, l, kNorm1Var), channels, "norm1.running_var", l, input);
     }
     if (bottleneck) {
-      const int64_t b = shape.bottleneck_width;
-      check_conv(param(params, bottleneck, l, kConv1Weight), b, c, "conv1.weight", l, input);
+      const int64_t width = shape.bottleneck_width;
+      check_conv(param(params, bottleneck, l, kConv1Weight), width, channels, "conv1.weight", l, input);
       TORCH_CHECK(param(params, bottleneck, l, kConv1Weight).size(2) == 1, "dense_block: layer ", l,
                   " conv1.weight of a bottleneck layer must be 1x1");
-      check_vector(param(params, bottleneck, l, kNorm2Weight), b, "norm2.weight", l, input);
-      check_vector(param(params, bottleneck, l, kNorm2Bias), b, "norm2.bias", l, input);
+      check_vector(param(params, bottleneck, l, kNorm2Weight), width, "norm2.weight", l, input);
+      check_vector(param(params, bottleneck, l, kNorm2Bias), width, "norm2.bias", l, input);
       if (with_running_stats) {
-        check_vector(param(params, bottleneck, l, kNorm2Mean), b, "norm2.running_mean", l, input);
-        check_vector(param(params, bottleneck, l, kNorm2Var), b, "norm2.running_var", l, input);
+        check_vector(param(params, bottleneck, l, kNorm2Mean), width, "norm2.running_mean", l, input);
+        check_vector(param(params, bottleneck, l, kNorm2Var), width, "norm2.running_var", l, input);
       }
-      check_conv(param(params, bottleneck, l, kConv2Weight), shape.growth, b, "conv2.weight", l, input);
+      check_conv(param(params, bottleneck, l, kConv2Weight), shape.growth, width, "conv2.weight", l, input);
     } else {
-      check_conv(param(params, bottleneck, l, kConv1Weight), shape.growth, c, "conv1.weight", l, input);
+      check_conv(param(params, bottleneck, l, kConv1Weight), shape.growth, channels, "conv1.weight", l, input);
     }
   }
   return shape;
@@ -111,16 +111,18 @@ SavedForBackward check_backward(const at::Tensor& grad_features, const at::Tenso
   const int64_t growth = param(params, bottleneck, num_layers - 1, bottleneck ? kConv2Weight : kConv1Weight).size(0);
   const int64_t in_channels = features.size(1) - num_layers * growth;
   TORCH_CHECK(in_channels > 0, "dense_block_backward: features has too few channels for ", num_layers, " layers");
-  const BlockShape s = check_block(features.narrow(1, 0, in_channels), params, bottleneck, /*with_running_stats=*/!training);
+  const BlockShape shape =
+      check_block(features.narrow(1, 0, in_channels), params, bottleneck, /*with_running_stats=*/!training);
   TORCH_CHECK(eps > 0, "dense_block_backward: eps must be positive, got ", eps);
-  TORCH_CHECK(static_cast<int64_t>(layer_needs_grad.size()) == s.num_layers,
+  TORCH_CHECK(static_cast<int64_t>(layer_needs_grad.size()) == shape.num_layers,
               "dense_block_backward: layer_needs_grad must have one entry per layer");
   const auto format = features.suggest_memory_format();
   const auto acc = stats_dtype(features.scalar_type());
   const auto device = features.device();
   check_saved(grad_features, "grad_features", features.sizes(), features.scalar_type(), device);
   // The batch statistics are unused in eval mode: their shape is not checked there.
-  const std::vector<int64_t> channel_stats{s.total_channels()}, bottleneck_stats{s.num_layers, s.bottleneck_width};
+  const std::vector<int64_t> channel_stats{shape.total_channels()};
+  const std::vector<int64_t> bottleneck_stats{shape.num_layers, shape.bottleneck_width};
   const at::OptionalIntArrayRef stats_shape = training ? at::OptionalIntArrayRef(channel_stats) : std::nullopt;
   const at::OptionalIntArrayRef bottleneck_stats_shape =
       training ? at::OptionalIntArrayRef(bottleneck_stats) : std::nullopt;
@@ -129,17 +131,17 @@ SavedForBackward check_backward(const at::Tensor& grad_features, const at::Tenso
   check_saved(bottleneck_mean, "bottleneck_mean", bottleneck_stats_shape, acc, device);
   check_saved(bottleneck_var, "bottleneck_var", bottleneck_stats_shape, acc, device);
   const bool keep_bottleneck = !saved_bottleneck.empty();
-  TORCH_CHECK(!keep_bottleneck || (bottleneck && static_cast<int64_t>(saved_bottleneck.size()) == s.num_layers),
+  TORCH_CHECK(!keep_bottleneck || (bottleneck && static_cast<int64_t>(saved_bottleneck.size()) == shape.num_layers),
               "dense_block_backward: saved_bottleneck must be empty or, with a bottleneck, hold one tensor per layer");
   std::vector<at::Tensor> saved;  // in the features' layout, as the kernels expect
   for (int64_t l = 0; l < static_cast<int64_t>(saved_bottleneck.size()); ++l) {
     check_saved(saved_bottleneck[l], "saved_bottleneck[" + std::to_string(l) + "]",
-                {{s.batch, s.bottleneck_width, s.height, s.width}}, features.scalar_type(), device);
+                {{shape.batch, shape.bottleneck_width, shape.height, shape.width}}, features.scalar_type(), device);
     saved.push_back(saved_bottleneck[l].contiguous(format));
   }
-  check_dropout_mask(dropout_mask, features, s);
+  check_dropout_mask(dropout_mask, features, shape);
 
-  return {s, saved};
+  return {shape, saved};
 }
 
 }  // namespace dense_ops

@@ -40,15 +40,14 @@ at::Tensor channels_view(const at::Tensor& flat, int64_t offset, int64_t batch, 
 }
 
 void Block::allocate_scratch() {
-  const BlockShape& s = shape;
-  const int64_t per_sample = s.channels(s.num_layers - 1) * s.height * s.width;
+  const int64_t per_sample = shape.channels(shape.num_layers - 1) * shape.height * shape.width;
   if (!bottleneck) {
-    scratch_samples = s.batch;
+    scratch_samples = shape.batch;
   } else if (strategy == BottleneckStrategy::kPerSample) {
-    scratch_samples = std::min(s.batch, kSampleRanges);
+    scratch_samples = std::min(shape.batch, kSampleRanges);
   } else {
     const int64_t bytes = std::max<int64_t>(1, per_sample * features.element_size());
-    scratch_samples = std::max<int64_t>(1, std::min<int64_t>(s.batch, batched_scratch_bytes() / bytes));
+    scratch_samples = std::max<int64_t>(1, std::min<int64_t>(shape.batch, batched_scratch_bytes() / bytes));
   }
   scratch = at::empty({scratch_samples * per_sample}, features.options());
 }
@@ -77,49 +76,51 @@ at::Tensor sample_matrix(const at::Tensor& sample) { return sample.permute({0, 2
 // parallel region instead of several small ones per sample. The split depends on neither the
 // thread count nor scheduling, so per-range partial sums add up deterministically.
 template <typename Body>
-void for_sample_ranges(const Block& b, const Body& body) {
-  const int64_t ranges = b.scratch_samples, batch = b.shape.batch;
+void for_sample_ranges(const Block& block, const Body& body) {
+  const int64_t ranges = block.scratch_samples, batch = block.shape.batch;
   const at::ThreadLocalState caller;  // worker threads run our ATen calls as the caller does (below autograd)
-  at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, ranges, 1, [&](int64_t range_begin, int64_t range_end) {
     const at::ThreadLocalStateGuard as_caller(caller);
-    for (int64_t r = r0; r < r1; ++r) body(r, batch * r / ranges, batch * (r + 1) / ranges);
+    for (int64_t range = range_begin; range < range_end; ++range) {
+      body(range, batch * range / ranges, batch * (range + 1) / ranges);
+    }
   });
 }
 
-void forward_per_sample(const Block& b, int64_t l, const at::Tensor& out) {
-  const BnParams bn1 = b.bn1(l);
-  const at::Tensor weight = weight_matrix(b.weight(l, kConv1Weight)), x = b.inputs(l);
-  for_sample_ranges(b, [&](int64_t r, int64_t n_begin, int64_t n_end) {
-    const at::Tensor z = b.z1(l, r, 1), z_matrix = sample_matrix(z);
+void forward_per_sample(const Block& block, int64_t l, const at::Tensor& out) {
+  const BnParams bn1 = block.bn1(l);
+  const at::Tensor weight = weight_matrix(block.weight(l, kConv1Weight)), x = block.inputs(l);
+  for_sample_ranges(block, [&](int64_t range, int64_t n_begin, int64_t n_end) {
+    const at::Tensor z = block.z1(l, range, 1), z_matrix = sample_matrix(z);
     for (int64_t n = n_begin; n < n_end; ++n) {
-      b.kernels.bn_relu_forward(x.narrow(0, n, 1), bn1, z, b.channels_last);
+      block.kernels.bn_relu_forward(x.narrow(0, n, 1), bn1, z, block.channels_last);
       at::Tensor out_matrix = sample_matrix(out.narrow(0, n, 1));
       at::mm_out(out_matrix, weight, z_matrix);
     }
   });
 }
 
-void backward_per_sample(const Block& b, int64_t l, const at::Tensor& grad_out, const at::Tensor& accumulated,
+void backward_per_sample(const Block& block, int64_t l, const at::Tensor& grad_out, const at::Tensor& accumulated,
                          bool accumulate, const at::Tensor& grad_conv1, const at::Tensor& sum_dy_xhat,
                          const at::Tensor& sum_dy) {
-  const BnParams bn1 = b.bn1(l);
-  const int64_t c = b.shape.channels(l), ranges = b.scratch_samples;
-  const at::Tensor weight = weight_matrix(b.weight(l, kConv1Weight));
-  const at::Tensor x = b.inputs(l), acc_inputs = accumulated.narrow(1, 0, c);
+  const BnParams bn1 = block.bn1(l);
+  const int64_t channels = block.shape.channels(l), ranges = block.scratch_samples;
+  const at::Tensor weight = weight_matrix(block.weight(l, kConv1Weight));
+  const at::Tensor x = block.inputs(l), acc_inputs = accumulated.narrow(1, 0, channels);
   // Per-range partial sums, added up in range order below.
-  const at::Tensor partial_sums = at::zeros({ranges, 2, c}, sum_dy.options());
+  const at::Tensor partial_sums = at::zeros({ranges, 2, channels}, sum_dy.options());
   const at::Tensor partial_grad_conv1 =
-      grad_conv1.defined() ? at::zeros({ranges, grad_conv1.size(0), c}, grad_conv1.options()) : at::Tensor();
-  for_sample_ranges(b, [&](int64_t r, int64_t n_begin, int64_t n_end) {
-    const at::Tensor z = b.z1(l, r, 1), z_matrix = sample_matrix(z);
+      grad_conv1.defined() ? at::zeros({ranges, grad_conv1.size(0), channels}, grad_conv1.options()) : at::Tensor();
+  for_sample_ranges(block, [&](int64_t range, int64_t n_begin, int64_t n_end) {
+    const at::Tensor z = block.z1(l, range, 1), z_matrix = sample_matrix(z);
     for (int64_t n = n_begin; n < n_end; ++n) {
       const at::Tensor x_n = x.narrow(0, n, 1), grad_matrix = sample_matrix(grad_out.narrow(0, n, 1));
-      b.kernels.bn_relu_forward(x_n, bn1, z, b.channels_last);
-      if (grad_conv1.defined()) add_matmul(partial_grad_conv1[r], grad_matrix, z_matrix.t());
+      block.kernels.bn_relu_forward(x_n, bn1, z, block.channels_last);
+      if (grad_conv1.defined()) add_matmul(partial_grad_conv1[range], grad_matrix, z_matrix.t());
       at::Tensor dz_matrix = z_matrix;  // z now receives the gradient of the BN1-ReLU output
       at::mm_out(dz_matrix, weight.t(), grad_matrix);
-      b.kernels.bn_relu_backward(x_n, z, bn1, acc_inputs.narrow(0, n, 1), accumulate, partial_sums[r][0],
-                                 partial_sums[r][1], b.channels_last);
+      block.kernels.bn_relu_backward(x_n, z, bn1, acc_inputs.narrow(0, n, 1), accumulate, partial_sums[range][0],
+                                     partial_sums[range][1], block.channels_last);
     }
   });
   const at::Tensor sums = partial_sums.sum(0);
@@ -140,8 +141,10 @@ at::Tensor chunk_planes(const at::Tensor& chunk) {  // NCHW only
 }
 
 template <typename Body>
-void for_chunks(const Block& b, const Body& body) {
-  for (int64_t n = 0; n < b.shape.batch; n += b.scratch_samples) body(n, std::min(b.scratch_samples, b.shape.batch - n));
+void for_chunks(const Block& block, const Body& body) {
+  for (int64_t n = 0; n < block.shape.batch; n += block.scratch_samples) {
+    body(n, std::min(block.scratch_samples, block.shape.batch - n));
+  }
 }
 
 // out = weight @ z for every sample of the chunk.
@@ -165,51 +168,51 @@ void chunk_weight_grad(const at::Tensor& grad_out, const at::Tensor& z, const at
   }
 }
 
-void forward_batched(const Block& b, int64_t l, const at::Tensor& out) {
-  const BnParams bn1 = b.bn1(l);
-  const at::Tensor weight = weight_matrix(b.weight(l, kConv1Weight)), x = b.inputs(l);
-  for_chunks(b, [&](int64_t n, int64_t samples) {
-    const at::Tensor z = b.z1(l, 0, samples);
-    b.kernels.bn_relu_forward(x.narrow(0, n, samples), bn1, z, b.channels_last);
-    chunk_conv(weight, z, out.narrow(0, n, samples), b.channels_last);
+void forward_batched(const Block& block, int64_t l, const at::Tensor& out) {
+  const BnParams bn1 = block.bn1(l);
+  const at::Tensor weight = weight_matrix(block.weight(l, kConv1Weight)), x = block.inputs(l);
+  for_chunks(block, [&](int64_t n, int64_t samples) {
+    const at::Tensor z = block.z1(l, 0, samples);
+    block.kernels.bn_relu_forward(x.narrow(0, n, samples), bn1, z, block.channels_last);
+    chunk_conv(weight, z, out.narrow(0, n, samples), block.channels_last);
   });
 }
 
-void backward_batched(const Block& b, int64_t l, const at::Tensor& grad_out, const at::Tensor& accumulated,
+void backward_batched(const Block& block, int64_t l, const at::Tensor& grad_out, const at::Tensor& accumulated,
                       bool accumulate, const at::Tensor& grad_conv1, const at::Tensor& sum_dy_xhat,
                       const at::Tensor& sum_dy) {
-  const BnParams bn1 = b.bn1(l);
-  const int64_t c = b.shape.channels(l);
-  const at::Tensor weight = weight_matrix(b.weight(l, kConv1Weight)), x = b.inputs(l);
-  const at::Tensor acc_inputs = accumulated.narrow(1, 0, c);
-  for_chunks(b, [&](int64_t n, int64_t samples) {
-    const at::Tensor z = b.z1(l, 0, samples), x_chunk = x.narrow(0, n, samples);
+  const BnParams bn1 = block.bn1(l);
+  const int64_t channels = block.shape.channels(l);
+  const at::Tensor weight = weight_matrix(block.weight(l, kConv1Weight)), x = block.inputs(l);
+  const at::Tensor acc_inputs = accumulated.narrow(1, 0, channels);
+  for_chunks(block, [&](int64_t n, int64_t samples) {
+    const at::Tensor z = block.z1(l, 0, samples), x_chunk = x.narrow(0, n, samples);
     const at::Tensor grad_chunk = grad_out.narrow(0, n, samples);
-    b.kernels.bn_relu_forward(x_chunk, bn1, z, b.channels_last);
-    if (grad_conv1.defined()) chunk_weight_grad(grad_chunk, z, grad_conv1, b.channels_last);
-    chunk_conv(weight.t(), grad_chunk, z, b.channels_last);  // z now receives the gradient of the BN1-ReLU output
-    b.kernels.bn_relu_backward(x_chunk, z, bn1, acc_inputs.narrow(0, n, samples), accumulate, sum_dy_xhat, sum_dy,
-                               b.channels_last);
+    block.kernels.bn_relu_forward(x_chunk, bn1, z, block.channels_last);
+    if (grad_conv1.defined()) chunk_weight_grad(grad_chunk, z, grad_conv1, block.channels_last);
+    chunk_conv(weight.t(), grad_chunk, z, block.channels_last);  // z now receives the gradient of the BN1-ReLU output
+    block.kernels.bn_relu_backward(x_chunk, z, bn1, acc_inputs.narrow(0, n, samples), accumulate, sum_dy_xhat, sum_dy,
+                                   block.channels_last);
   });
 }
 
 }  // namespace
 
-void bottleneck_forward(const Block& b, int64_t l, const at::Tensor& out) {
-  if (b.strategy == BottleneckStrategy::kBatched) {
-    forward_batched(b, l, out);
+void bottleneck_forward(const Block& block, int64_t l, const at::Tensor& out) {
+  if (block.strategy == BottleneckStrategy::kBatched) {
+    forward_batched(block, l, out);
   } else {
-    forward_per_sample(b, l, out);
+    forward_per_sample(block, l, out);
   }
 }
 
-void bottleneck_backward(const Block& b, int64_t l, const at::Tensor& grad_out, const at::Tensor& accumulated,
+void bottleneck_backward(const Block& block, int64_t l, const at::Tensor& grad_out, const at::Tensor& accumulated,
                          bool accumulate, const at::Tensor& grad_conv1, const at::Tensor& sum_dy_xhat,
                          const at::Tensor& sum_dy) {
-  if (b.strategy == BottleneckStrategy::kBatched) {
-    backward_batched(b, l, grad_out, accumulated, accumulate, grad_conv1, sum_dy_xhat, sum_dy);
+  if (block.strategy == BottleneckStrategy::kBatched) {
+    backward_batched(block, l, grad_out, accumulated, accumulate, grad_conv1, sum_dy_xhat, sum_dy);
   } else {
-    backward_per_sample(b, l, grad_out, accumulated, accumulate, grad_conv1, sum_dy_xhat, sum_dy);
+    backward_per_sample(block, l, grad_out, accumulated, accumulate, grad_conv1, sum_dy_xhat, sum_dy);
   }
 }
 

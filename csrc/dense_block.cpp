@@ -23,15 +23,15 @@ namespace {
 
 // Batch-norm parameters of one BN of one layer: `mean`/`var` are the batch statistics in
 // training; eval mode reads the layer's running statistics.
-BnParams bn_params(const Block& b, int64_t layer, bool second, const at::Tensor& batch_mean,
+BnParams bn_params(const Block& block, int64_t layer, bool second, const at::Tensor& batch_mean,
                    const at::Tensor& batch_var) {
-  const auto read = [&](LayerParam which) { return b.weight(layer, which).to(b.acc).contiguous(); };
+  const auto read = [&](LayerParam which) { return block.weight(layer, which).to(block.acc).contiguous(); };
   BnParams bn;
   bn.weight = read(second ? kNorm2Weight : kNorm1Weight);
   bn.bias = read(second ? kNorm2Bias : kNorm1Bias);
-  bn.mean = b.training ? batch_mean : read(second ? kNorm2Mean : kNorm1Mean);
-  bn.var = b.training ? batch_var : read(second ? kNorm2Var : kNorm1Var);
-  bn.eps = b.eps;
+  bn.mean = block.training ? batch_mean : read(second ? kNorm2Mean : kNorm1Mean);
+  bn.var = block.training ? batch_var : read(second ? kNorm2Var : kNorm1Var);
+  bn.eps = block.eps;
   return bn;
 }
 
@@ -77,9 +77,10 @@ void add_projections(const BnParams& bn, const at::Tensor& sum_dy_xhat, const at
 }
 
 // Statistics of channels [start, start + length) for bn_input_grad (none in eval mode).
-BnParams channel_statistics(const Block& b, int64_t start, int64_t length) {
-  if (!b.training) return BnParams{};
-  return BnParams{{}, {}, b.batch_mean.narrow(0, start, length), b.batch_var.narrow(0, start, length), b.eps};
+BnParams channel_statistics(const Block& block, int64_t start, int64_t length) {
+  if (!block.training) return BnParams{};
+  return BnParams{{}, {}, block.batch_mean.narrow(0, start, length), block.batch_var.narrow(0, start, length),
+                  block.eps};
 }
 
 at::Tensor slice(const at::Tensor& t, int64_t start, int64_t length) {
@@ -92,65 +93,76 @@ ForwardResult dense_block_forward(const at::Tensor& input, at::TensorList params
                                   const std::optional<at::Tensor>& dropout_mask, bool bottleneck, bool training,
                                   c10::string_view recompute, double eps,
                                   const std::optional<c10::string_view>& sync_group, const BnKernels& kernels) {
-  const BlockShape s = check_block(input, params, bottleneck, /*with_running_stats=*/true);
-  check_dropout_mask(dropout_mask, input, s);
+  const BlockShape shape = check_block(input, params, bottleneck, /*with_running_stats=*/true);
+  check_dropout_mask(dropout_mask, input, shape);
   TORCH_CHECK(eps > 0, "dense_block: eps must be positive, got ", eps);
   const bool keep_bottleneck = bottleneck && parse_recompute(recompute) == Recompute::kBnRelu;
   const auto format = input.suggest_memory_format();
   const auto acc = stats_dtype(input.scalar_type());
   const auto stat_options = input.options().dtype(acc);
-  const int64_t stat_channels = training ? s.total_channels() : 0, stat_width = training ? s.bottleneck_width : 0;
-  const StatSync sync(training ? sync_group : std::nullopt, s.pixels(), input);
-  const at::Tensor features =
-      at::empty({s.batch, s.total_channels(), s.height, s.width}, input.options().memory_format(format));
-  Block b{s, params, bottleneck, training, format == at::MemoryFormat::ChannelsLast, eps, format, acc, kernels, sync,
-          bottleneck_strategy(features), features};
-  b.batch_mean = at::empty({stat_channels}, stat_options);
-  b.batch_var = at::empty({stat_channels}, stat_options);
-  b.bottleneck_mean = at::empty({s.num_layers, stat_width}, stat_options);
-  b.bottleneck_var = at::empty({s.num_layers, stat_width}, stat_options);
+  const int64_t stat_channels = training ? shape.total_channels() : 0;
+  const int64_t stat_width = training ? shape.bottleneck_width : 0;
+  const StatSync sync(training ? sync_group : std::nullopt, shape.pixels(), input);
+  const at::Tensor features = at::empty({shape.batch, shape.total_channels(), shape.height, shape.width},
+                                        input.options().memory_format(format));
+  Block block{shape, params, bottleneck, training, format == at::MemoryFormat::ChannelsLast, eps, format, acc, kernels,
+              sync, bottleneck_strategy(features), features};
+  block.batch_mean = at::empty({stat_channels}, stat_options);
+  block.batch_var = at::empty({stat_channels}, stat_options);
+  block.bottleneck_mean = at::empty({shape.num_layers, stat_width}, stat_options);
+  block.bottleneck_var = at::empty({shape.num_layers, stat_width}, stat_options);
   std::vector<at::Tensor> saved_bottleneck;
   if (keep_bottleneck) {
-    for (int64_t l = 0; l < s.num_layers; ++l) saved_bottleneck.push_back(b.empty(s.bottleneck_width, input.scalar_type()));
+    for (int64_t l = 0; l < shape.num_layers; ++l) {
+      saved_bottleneck.push_back(block.empty(shape.bottleneck_width, input.scalar_type()));
+    }
   }
-  if (b.count() == 0) {  // an empty batch has undefined (NaN) statistics, as in PyTorch
-    for (auto* t : {&b.batch_mean, &b.batch_var, &b.bottleneck_mean, &b.bottleneck_var}) t->fill_(NAN);
-    return {b.features, b.batch_mean, b.batch_var, saved_bottleneck, b.bottleneck_mean, b.bottleneck_var};
+  if (block.count() == 0) {  // an empty batch has undefined (NaN) statistics, as in PyTorch
+    for (auto* t : {&block.batch_mean, &block.batch_var, &block.bottleneck_mean, &block.bottleneck_var}) t->fill_(NAN);
+    return {block.features, block.batch_mean, block.batch_var, saved_bottleneck, block.bottleneck_mean,
+            block.bottleneck_var};
   }
 
   // Training statistics of freshly written channels, taken once.
   const auto take_moments = [&](const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var) {
-    kernels.channel_moments(x, mean, var, b.channels_last);
+    kernels.channel_moments(x, mean, var, block.channels_last);
     sync.moments(mean, var);
   };
-  b.features.narrow(1, 0, s.in_channels).copy_(input);
-  if (training) take_moments(b.inputs(0), b.batch_mean.narrow(0, 0, s.in_channels), b.batch_var.narrow(0, 0, s.in_channels));
-  b.allocate_scratch();
+  block.features.narrow(1, 0, shape.in_channels).copy_(input);
+  if (training) {
+    take_moments(block.inputs(0), block.batch_mean.narrow(0, 0, shape.in_channels),
+                 block.batch_var.narrow(0, 0, shape.in_channels));
+  }
+  block.allocate_scratch();
   at::Tensor bottleneck_out, z2;
   if (bottleneck) {
-    z2 = b.empty(s.bottleneck_width, input.scalar_type());
-    if (!keep_bottleneck) bottleneck_out = b.empty(s.bottleneck_width, input.scalar_type());
+    z2 = block.empty(shape.bottleneck_width, input.scalar_type());
+    if (!keep_bottleneck) bottleneck_out = block.empty(shape.bottleneck_width, input.scalar_type());
   }
-  for (int64_t l = 0; l < s.num_layers; ++l) {
+  for (int64_t l = 0; l < shape.num_layers; ++l) {
     at::Tensor new_features;
     if (bottleneck) {
       const at::Tensor& out = keep_bottleneck ? saved_bottleneck[l] : bottleneck_out;
-      bottleneck_forward(b, l, out);
-      if (training) take_moments(out, b.bottleneck_mean[l], b.bottleneck_var[l]);
-      kernels.bn_relu_forward(out, b.bn2(l), z2, b.channels_last);
-      new_features = conv(z2, b.weight(l, kConv2Weight), format);
+      bottleneck_forward(block, l, out);
+      if (training) take_moments(out, block.bottleneck_mean[l], block.bottleneck_var[l]);
+      kernels.bn_relu_forward(out, block.bn2(l), z2, block.channels_last);
+      new_features = conv(z2, block.weight(l, kConv2Weight), format);
     } else {
-      const at::Tensor z1 = b.z1(l, 0, s.batch);
-      kernels.bn_relu_forward(b.inputs(l), b.bn1(l), z1, b.channels_last);
-      new_features = conv(z1, b.weight(l, kConv1Weight), format);
+      const at::Tensor z1 = block.z1(l, 0, shape.batch);
+      kernels.bn_relu_forward(block.inputs(l), block.bn1(l), z1, block.channels_last);
+      new_features = conv(z1, block.weight(l, kConv1Weight), format);
     }
-    if (dropout_mask.has_value()) new_features.mul_(dropout_mask->narrow(1, l * s.growth, s.growth));
-    const int64_t c = s.channels(l);
-    const at::Tensor slot = b.features.narrow(1, c, s.growth);
+    if (dropout_mask.has_value()) new_features.mul_(dropout_mask->narrow(1, l * shape.growth, shape.growth));
+    const int64_t channels = shape.channels(l);
+    const at::Tensor slot = block.features.narrow(1, channels, shape.growth);
     slot.copy_(new_features);
-    if (training) take_moments(slot, b.batch_mean.narrow(0, c, s.growth), b.batch_var.narrow(0, c, s.growth));
+    if (training) {
+      take_moments(slot, block.batch_mean.narrow(0, channels, shape.growth),
+                   block.batch_var.narrow(0, channels, shape.growth));
+    }
   }
-  return {b.features, b.batch_mean, b.batch_var, saved_bottleneck, b.bottleneck_mean, b.bottleneck_var};
+  return {block.features, block.batch_mean, block.batch_var, saved_bottleneck, block.bottleneck_mean,
+          block.bottleneck_var};
 }
 
 namespace {
@@ -167,27 +179,27 @@ struct BackwardWorkspace {
   at::Tensor bottleneck_proj;       // [L, 2, width]
 };
 
-BackwardWorkspace backward_workspace(const Block& b, bool keep_bottleneck) {
-  const BlockShape& s = b.shape;
-  const int64_t max_channels = s.channels(s.num_layers - 1);
-  const auto acc_options = b.features.options().dtype(b.acc), sum_options = acc_options.dtype(at::kDouble);
-  const auto dtype = b.features.scalar_type();
-  BackwardWorkspace w;
-  w.accumulated = b.empty(max_channels, b.acc);
-  if (b.training) {
-    w.proj_mean = at::zeros({max_channels}, acc_options);
-    w.proj_xhat = at::zeros({max_channels}, acc_options);
+BackwardWorkspace backward_workspace(const Block& block, bool keep_bottleneck) {
+  const BlockShape& shape = block.shape;
+  const int64_t max_channels = shape.channels(shape.num_layers - 1);
+  const auto acc_options = block.features.options().dtype(block.acc), sum_options = acc_options.dtype(at::kDouble);
+  const auto dtype = block.features.scalar_type();
+  BackwardWorkspace workspace;
+  workspace.accumulated = block.empty(max_channels, block.acc);
+  if (block.training) {
+    workspace.proj_mean = at::zeros({max_channels}, acc_options);
+    workspace.proj_xhat = at::zeros({max_channels}, acc_options);
   }
-  w.layer_sums = at::zeros({s.num_layers, 2, max_channels}, sum_options);
-  w.finalized = b.empty(s.growth, dtype);
-  if (b.bottleneck) {
-    if (!keep_bottleneck) w.recomputed_bottleneck = b.empty(s.bottleneck_width, dtype);
-    w.z2 = b.empty(s.bottleneck_width, dtype);
-    w.accumulated2 = b.empty(s.bottleneck_width, b.acc);
-    w.bottleneck_sums = at::zeros({s.num_layers, 2, s.bottleneck_width}, sum_options);
-    w.bottleneck_proj = at::zeros({s.num_layers, 2, s.bottleneck_width}, acc_options);
+  workspace.layer_sums = at::zeros({shape.num_layers, 2, max_channels}, sum_options);
+  workspace.finalized = block.empty(shape.growth, dtype);
+  if (block.bottleneck) {
+    if (!keep_bottleneck) workspace.recomputed_bottleneck = block.empty(shape.bottleneck_width, dtype);
+    workspace.z2 = block.empty(shape.bottleneck_width, dtype);
+    workspace.accumulated2 = block.empty(shape.bottleneck_width, block.acc);
+    workspace.bottleneck_sums = at::zeros({shape.num_layers, 2, shape.bottleneck_width}, sum_options);
+    workspace.bottleneck_proj = at::zeros({shape.num_layers, 2, shape.bottleneck_width}, acc_options);
   }
-  return w;
+  return workspace;
 }
 
 // A gradient in the parameter's dtype that owns its memory: the sums live in the shared workspace.
@@ -197,29 +209,30 @@ at::Tensor own_copy(const at::Tensor& sum, const at::Tensor& parameter) {
 
 // Backward of one layer's BN2-ReLU-conv3x3 (bottleneck) given the gradient of its new
 // channels; returns the gradient of the bottleneck output and fills the layer's grads.
-at::Tensor bottleneck_output_backward(const Block& b, int64_t l, const at::Tensor& bottleneck_out,
-                                      const at::Tensor& grad_new, bool need_weights, const BackwardWorkspace& w,
-                                      std::vector<at::Tensor>& grads) {
+at::Tensor bottleneck_output_backward(const Block& block, int64_t l, const at::Tensor& bottleneck_out,
+                                      const at::Tensor& grad_new, bool need_weights,
+                                      const BackwardWorkspace& workspace, std::vector<at::Tensor>& grads) {
   const int64_t base = l * params_per_layer(true);
-  const BnParams bn2 = b.bn2(l);
-  b.kernels.bn_relu_forward(bottleneck_out, bn2, w.z2, b.channels_last);
-  auto [grad_z2, grad_conv2] = conv_backward(grad_new, w.z2, b.weight(l, kConv2Weight), need_weights, b.format);
-  const at::Tensor sum_dy_xhat = w.bottleneck_sums[l][0], sum_dy = w.bottleneck_sums[l][1];
-  b.kernels.bn_relu_backward(bottleneck_out, grad_z2, bn2, w.accumulated2, false, sum_dy_xhat, sum_dy,
-                             b.channels_last);
+  const BnParams bn2 = block.bn2(l);
+  block.kernels.bn_relu_forward(bottleneck_out, bn2, workspace.z2, block.channels_last);
+  auto [grad_z2, grad_conv2] =
+      conv_backward(grad_new, workspace.z2, block.weight(l, kConv2Weight), need_weights, block.format);
+  const at::Tensor sum_dy_xhat = workspace.bottleneck_sums[l][0], sum_dy = workspace.bottleneck_sums[l][1];
+  block.kernels.bn_relu_backward(bottleneck_out, grad_z2, bn2, workspace.accumulated2, false, sum_dy_xhat, sum_dy,
+                                 block.channels_last);
   at::Tensor proj_mean, proj_xhat;
-  if (b.training) {
-    proj_mean = w.bottleneck_proj[l][0], proj_xhat = w.bottleneck_proj[l][1];
-    add_projections(bn2, sum_dy_xhat, sum_dy, b.count(), proj_mean, proj_xhat);
-    b.sync.sum({proj_mean, proj_xhat});  // the weight gradients stay this rank's own
+  if (block.training) {
+    proj_mean = workspace.bottleneck_proj[l][0], proj_xhat = workspace.bottleneck_proj[l][1];
+    add_projections(bn2, sum_dy_xhat, sum_dy, block.count(), proj_mean, proj_xhat);
+    block.sync.sum({proj_mean, proj_xhat});  // the weight gradients stay this rank's own
   }
-  const at::Tensor& grad_bottleneck = w.z2;  // z2 is no longer needed
-  b.kernels.bn_input_grad(bottleneck_out, bn2, w.accumulated2, at::Tensor(), proj_mean, proj_xhat, grad_bottleneck,
-                          b.channels_last);
+  const at::Tensor& grad_bottleneck = workspace.z2;  // z2 is no longer needed
+  block.kernels.bn_input_grad(bottleneck_out, bn2, workspace.accumulated2, at::Tensor(), proj_mean, proj_xhat,
+                              grad_bottleneck, block.channels_last);
   if (need_weights) {
     grads[base + kConv2Weight] = grad_conv2;
-    grads[base + kNorm2Weight] = own_copy(sum_dy_xhat, b.weight(l, kNorm2Weight));
-    grads[base + kNorm2Bias] = own_copy(sum_dy, b.weight(l, kNorm2Bias));
+    grads[base + kNorm2Weight] = own_copy(sum_dy_xhat, block.weight(l, kNorm2Weight));
+    grads[base + kNorm2Bias] = own_copy(sum_dy, block.weight(l, kNorm2Bias));
   }
   return grad_bottleneck;
 }
@@ -249,83 +262,89 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dense_block_backward(
   const SavedForBackward checked =
       check_backward(grad_features, features, batch_mean, batch_var, saved_bottleneck, bottleneck_mean,
                      bottleneck_var, params, dropout_mask, bottleneck, training, eps, layer_needs_grad);
-  const BlockShape& s = checked.shape;
+  const BlockShape& shape = checked.shape;
   const std::vector<at::Tensor>& saved = checked.saved_bottleneck;
   const bool keep_bottleneck = !saved.empty();
   const auto format = features.suggest_memory_format();
   const auto acc = stats_dtype(features.scalar_type());
-  const StatSync sync(training ? sync_group : std::nullopt, s.pixels(), features);
-  Block b{s, params, bottleneck, training, format == at::MemoryFormat::ChannelsLast, eps, format, acc, kernels, sync,
-          bottleneck_strategy(features), features, batch_mean, batch_var, bottleneck_mean, bottleneck_var};
+  const StatSync sync(training ? sync_group : std::nullopt, shape.pixels(), features);
+  Block block{shape, params, bottleneck, training, format == at::MemoryFormat::ChannelsLast, eps, format, acc, kernels,
+              sync, bottleneck_strategy(features), features, batch_mean, batch_var, bottleneck_mean, bottleneck_var};
   const int64_t per_layer = params_per_layer(bottleneck);
   std::vector<at::Tensor> grads(params.size());
   for (auto& g : grads) g = at::empty({0}, features.options().dtype(acc));
   at::Tensor grad_input =
-      input_needs_grad ? b.empty(s.in_channels, features.scalar_type()) : at::empty({0}, features.options());
-  if (b.count() == 0) return empty_batch_grads(params, bottleneck, layer_needs_grad, grad_input, grads);
+      input_needs_grad ? block.empty(shape.in_channels, features.scalar_type()) : at::empty({0}, features.options());
+  if (block.count() == 0) return empty_batch_grads(params, bottleneck, layer_needs_grad, grad_input, grads);
 
   // Layers below the lowest one that needs gradients are skipped when the input needs none.
   int64_t lowest_layer = 0;
   if (!input_needs_grad) {
-    lowest_layer = s.num_layers;
-    for (int64_t l = s.num_layers - 1; l >= 0; --l) {
+    lowest_layer = shape.num_layers;
+    for (int64_t l = shape.num_layers - 1; l >= 0; --l) {
       if (layer_needs_grad[l]) lowest_layer = l;
     }
   }
 
   const at::Tensor grad = grad_features.contiguous(format);
-  const BackwardWorkspace w = backward_workspace(b, keep_bottleneck);
-  b.allocate_scratch();
-  for (int64_t l = s.num_layers - 1; l >= lowest_layer; --l) {
-    const int64_t c = s.channels(l), base = l * per_layer;
-    const bool need_weights = layer_needs_grad[l] != 0, accumulate = l < s.num_layers - 1;
+  const BackwardWorkspace workspace = backward_workspace(block, keep_bottleneck);
+  block.allocate_scratch();
+  for (int64_t l = shape.num_layers - 1; l >= lowest_layer; --l) {
+    const int64_t channels = shape.channels(l), base = l * per_layer;
+    const bool need_weights = layer_needs_grad[l] != 0, accumulate = l < shape.num_layers - 1;
     // The gradient of this layer's new channels is final: every later reader has added to it.
-    at::Tensor grad_new = grad.narrow(1, c, s.growth);
+    at::Tensor grad_new = grad.narrow(1, channels, shape.growth);
     if (accumulate) {
-      if (training) sync.sum({w.proj_mean.narrow(0, c, s.growth), w.proj_xhat.narrow(0, c, s.growth)});
-      kernels.bn_input_grad(features.narrow(1, c, s.growth), channel_statistics(b, c, s.growth),
-                            w.accumulated.narrow(1, c, s.growth), grad_new, slice(w.proj_mean, c, s.growth),
-                            slice(w.proj_xhat, c, s.growth), w.finalized, b.channels_last);
-      grad_new = w.finalized;
+      const at::Tensor proj_mean = slice(workspace.proj_mean, channels, shape.growth);
+      const at::Tensor proj_xhat = slice(workspace.proj_xhat, channels, shape.growth);
+      if (training) sync.sum({proj_mean, proj_xhat});
+      kernels.bn_input_grad(features.narrow(1, channels, shape.growth),
+                            channel_statistics(block, channels, shape.growth),
+                            workspace.accumulated.narrow(1, channels, shape.growth), grad_new, proj_mean, proj_xhat,
+                            workspace.finalized, block.channels_last);
+      grad_new = workspace.finalized;
     }
-    if (dropout_mask.has_value()) grad_new = grad_new * dropout_mask->narrow(1, l * s.growth, s.growth);
+    if (dropout_mask.has_value()) grad_new = grad_new * dropout_mask->narrow(1, l * shape.growth, shape.growth);
 
-    const at::Tensor sum_dy_xhat = w.layer_sums[l][0].narrow(0, 0, c), sum_dy = w.layer_sums[l][1].narrow(0, 0, c);
+    const at::Tensor sum_dy_xhat = workspace.layer_sums[l][0].narrow(0, 0, channels);
+    const at::Tensor sum_dy = workspace.layer_sums[l][1].narrow(0, 0, channels);
     if (bottleneck) {
-      const at::Tensor& out = keep_bottleneck ? saved[l] : w.recomputed_bottleneck;
-      if (!keep_bottleneck) bottleneck_forward(b, l, out);
-      const at::Tensor grad_bottleneck = bottleneck_output_backward(b, l, out, grad_new, need_weights, w, grads);
+      const at::Tensor& out = keep_bottleneck ? saved[l] : workspace.recomputed_bottleneck;
+      if (!keep_bottleneck) bottleneck_forward(block, l, out);
+      const at::Tensor grad_bottleneck =
+          bottleneck_output_backward(block, l, out, grad_new, need_weights, workspace, grads);
       at::Tensor grad_conv1;  // accumulated over chunks of samples in the stats dtype
-      if (need_weights) grad_conv1 = at::zeros({s.bottleneck_width, c}, features.options().dtype(acc));
-      bottleneck_backward(b, l, grad_bottleneck, w.accumulated, accumulate, grad_conv1, sum_dy_xhat, sum_dy);
+      if (need_weights) grad_conv1 = at::zeros({shape.bottleneck_width, channels}, features.options().dtype(acc));
+      bottleneck_backward(block, l, grad_bottleneck, workspace.accumulated, accumulate, grad_conv1, sum_dy_xhat,
+                          sum_dy);
       if (need_weights) {
-        const at::Tensor& weight = b.weight(l, kConv1Weight);
+        const at::Tensor& weight = block.weight(l, kConv1Weight);
         grads[base + kConv1Weight] =
             grad_conv1.to(weight.scalar_type()).view(weight.sizes()).contiguous(weight.suggest_memory_format());
       }
     } else {
-      const at::Tensor z1 = b.z1(l, 0, s.batch);
-      kernels.bn_relu_forward(b.inputs(l), b.bn1(l), z1, b.channels_last);
-      auto [grad_z1, grad_conv1] = conv_backward(grad_new, z1, b.weight(l, kConv1Weight), need_weights, format);
-      kernels.bn_relu_backward(b.inputs(l), grad_z1, b.bn1(l), w.accumulated.narrow(1, 0, c), accumulate,
-                               sum_dy_xhat, sum_dy, b.channels_last);
+      const at::Tensor z1 = block.z1(l, 0, shape.batch);
+      kernels.bn_relu_forward(block.inputs(l), block.bn1(l), z1, block.channels_last);
+      auto [grad_z1, grad_conv1] = conv_backward(grad_new, z1, block.weight(l, kConv1Weight), need_weights, format);
+      kernels.bn_relu_backward(block.inputs(l), grad_z1, block.bn1(l), workspace.accumulated.narrow(1, 0, channels),
+                               accumulate, sum_dy_xhat, sum_dy, block.channels_last);
       if (need_weights) grads[base + kConv1Weight] = grad_conv1;
     }
     if (training) {
-      add_projections(b.bn1(l), sum_dy_xhat, sum_dy, b.count(), w.proj_mean.narrow(0, 0, c),
-                      w.proj_xhat.narrow(0, 0, c));
+      add_projections(block.bn1(l), sum_dy_xhat, sum_dy, block.count(), workspace.proj_mean.narrow(0, 0, channels),
+                      workspace.proj_xhat.narrow(0, 0, channels));
     }
     if (need_weights) {
-      grads[base + kNorm1Weight] = own_copy(sum_dy_xhat, b.weight(l, kNorm1Weight));
-      grads[base + kNorm1Bias] = own_copy(sum_dy, b.weight(l, kNorm1Bias));
+      grads[base + kNorm1Weight] = own_copy(sum_dy_xhat, block.weight(l, kNorm1Weight));
+      grads[base + kNorm1Bias] = own_copy(sum_dy, block.weight(l, kNorm1Bias));
     }
   }
   if (input_needs_grad) {
-    const int64_t c0 = s.in_channels;
-    if (training) sync.sum({w.proj_mean.narrow(0, 0, c0), w.proj_xhat.narrow(0, 0, c0)});
-    kernels.bn_input_grad(b.inputs(0), channel_statistics(b, 0, c0), w.accumulated.narrow(1, 0, c0),
-                          grad.narrow(1, 0, c0), slice(w.proj_mean, 0, c0), slice(w.proj_xhat, 0, c0), grad_input,
-                          b.channels_last);
+    const int64_t c0 = shape.in_channels;
+    const at::Tensor proj_mean = slice(workspace.proj_mean, 0, c0), proj_xhat = slice(workspace.proj_xhat, 0, c0);
+    if (training) sync.sum({proj_mean, proj_xhat});
+    kernels.bn_input_grad(block.inputs(0), channel_statistics(block, 0, c0), workspace.accumulated.narrow(1, 0, c0),
+                          grad.narrow(1, 0, c0), proj_mean, proj_xhat, grad_input, block.channels_last);
   }
   return {grad_input, grads};
 }

@@ -11,10 +11,12 @@
 #include <tuple>
 #include <vector>
 
+#include "dtypes.h"
+
 namespace dense_ops {
 
 // Batch-norm parameters of one layer as the kernels see them: 1-D tensors of the
-// statistics dtype (float32, or float64 for float64 input).
+// statistics dtype (stats_dtype, dtypes.h).
 struct BnParams {
   at::Tensor weight, bias, mean, var;
   double eps;
@@ -32,10 +34,6 @@ constexpr const char* kLayerParamNames[kNumLayerParams] = {
     "norm2.weight", "norm2.bias", "norm2.running_mean", "norm2.running_var", "conv2.weight"};
 
 inline int64_t params_per_layer(bool bottleneck) { return bottleneck ? kNumLayerParams : kConv1Weight + 1; }
-
-// Statistics, BN parameters as the kernels read them and accumulated gradients: float64 for
-// float64 input, float32 otherwise (float16/bfloat16 accumulate in float32).
-inline at::ScalarType stats_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
 // What backward recomputes: "bn_relu" keeps each bottleneck output (conv1's) for backward,
 // "bottleneck" keeps only the features and recomputes conv1 too. A call that needs no

@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "dense_block.h"
+#include "dtypes.h"
 
 #ifdef DENSE_OPS_WITH_CUDA
 #include <cuda.h>  // CUDA_VERSION of the toolkit that compiled us
@@ -45,10 +46,6 @@ TORCH_LIBRARY(dense_ops, m) {
   m.def(
       "condensed_conv(Tensor input, Tensor index, Tensor scale, Tensor shift, Tensor weight, int groups, "
       "Tensor? out_scale=None, Tensor? out_shift=None) -> Tensor");
-  // The same, written into channels [out_offset, out_offset + O) of a preallocated buffer.
-  m.def(
-      "condensed_conv_into(Tensor input, Tensor index, Tensor scale, Tensor shift, Tensor weight, int groups, "
-      "Tensor(a!) out, int out_offset, Tensor? out_scale=None, Tensor? out_shift=None) -> ()");
 }
 
 namespace {
@@ -112,6 +109,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_param_names", [] {
     return std::vector<std::string>(dense_ops::kLayerParamNames, dense_ops::kLayerParamNames + dense_ops::kNumLayerParams);
   }, "Names of a layer's entries in dense_block's flat layer_params list, in order");
+  m.def("stats_dtype", &dense_ops::stats_dtype,
+        "The dtype of the statistics, BN parameters and accumulated gradients of the ops for input of this dtype");
   m.def("_parallel_for_threads", &parallel_for_threads,
         "Distinct threads used by an at::parallel_for compiled into the extension (a test probe)");
 }

@@ -13,7 +13,8 @@ PROJECT = os.environ.get("DENSE_OPS_ROOT") or sys.exit("set DENSE_OPS_ROOT to th
 OUT = os.environ.get("CUDASIM_OUT", os.path.join(os.path.expanduser("~"), ".cache", "cudasim"))
 
 
-BLOCK_SOURCES = ("dense_block.cpp", "block_checks.cpp", "stat_sync.cpp", "bottleneck_conv.cpp")
+# The device-generic host code, compiled as it is: it drives either set of kernels.
+GENERIC_SOURCES = ("dense_block.cpp", "block_checks.cpp", "stat_sync.cpp", "bottleneck_conv.cpp", "condensed_conv.cpp")
 
 
 def generate():
@@ -42,8 +43,7 @@ def load(verbose=False):
     harness = os.path.join(HERE, "harness")
     sources = sorted(glob.glob(os.path.join(gen, "sim_*.cpp"))) + [
         os.path.join(harness, f) for f in ("cpu_bn.cpp", "cpu_condense.cpp", "bindings.cpp")] + [
-        # the device-generic dense block, compiled as it is, drives either set of kernels
-        os.path.join(PROJECT, "csrc", f) for f in BLOCK_SOURCES]
+        os.path.join(PROJECT, "csrc", f) for f in GENERIC_SOURCES]
     includes = [os.path.join(HERE, "shim"), gen, harness, os.path.join(PROJECT, "csrc")]
     flags = ["-O1", "-g", "-Wno-sign-compare", "-DDENSE_OPS_TORCH_VERSION=\"sim\""] + \
         os.environ.get("CUDASIM_CXXFLAGS", "").split()

@@ -286,20 +286,13 @@ class CondensedConv(nn.Module):
         scale, shift = self.folded_norm()
         return ops.condensed_conv(x, self.index, scale, shift, self.weight, self.groups, *fold_batch_norm(norm))
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, out_offset: int = 0) -> torch.Tensor:
-        """Returns the output, or writes it into out[:, out_offset:out_offset + out_channels] and returns out."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused op's output, or the step-by-step path's when gradients or training mode need it."""
         self._check_input(x)
         if self._needs_unfused(x):
-            y = unfused_condensed_conv(x, self.index, self.norm, self.weight, self.groups)
-            if out is None:
-                return y
-            out[:, out_offset:out_offset + self.out_channels] = y
-            return out
+            return unfused_condensed_conv(x, self.index, self.norm, self.weight, self.groups)
         scale, shift = self.folded_norm()
-        if out is None:
-            return ops.condensed_conv(x, self.index, scale, shift, self.weight, self.groups)
-        ops.condensed_conv_into(x, self.index, scale, shift, self.weight, self.groups, out, out_offset)
-        return out
+        return ops.condensed_conv(x, self.index, scale, shift, self.weight, self.groups)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, groups={self.groups}, "

@@ -26,7 +26,8 @@ def params_per_layer(bottleneck: bool) -> int:
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """The dtype of the ops' statistics for input of `dtype`: the C++ rule (csrc/dtypes.h)."""
+    return _C.stats_dtype(dtype)
 
 
 def _block_geometry(input, layer_params, bottleneck):
@@ -240,15 +241,6 @@ def _condensed_conv_fake(input, index, scale, shift, weight, groups, out_scale=N
     return _empty((n, out_channels, h, w), input, memory_format=suggest_memory_format(input))
 
 
-@torch.library.register_fake("dense_ops::condensed_conv_into")
-def _condensed_conv_into_fake(input, index, scale, shift, weight, groups, out, out_offset, out_scale=None,
-                              out_shift=None):
-    _check_devices("condensed_conv_into", input, index=index, scale=scale, shift=shift, weight=weight, out=out,
-                   out_scale=out_scale, out_shift=out_shift)
-    _condensed_out_channels(weight, groups)
-    return None
-
-
 def _condensed_conv_backward(ctx, grad):
     raise RuntimeError(
         "dense_ops.condensed_conv is an inference kernel and has no backward; dense_ops.CondensedConv runs the "
@@ -274,16 +266,6 @@ def condensed_conv(input, index, scale, shift, weight, groups, out_scale=None, o
     return torch.ops.dense_ops.condensed_conv(input, index, scale, shift, weight, groups, out_scale, out_shift)
 
 
-def condensed_conv_into(input, index, scale, shift, weight, groups, out, out_offset, out_scale=None, out_shift=None):
-    """condensed_conv written into channels [out_offset, out_offset + O) of the preallocated out."""
-    if exporting_to_onnx():
-        out[:, out_offset:out_offset + weight.shape[0]] = _plain_condensed_conv(
-            input, index, scale, shift, weight, groups, out_scale, out_shift)
-        return
-    torch.ops.dense_ops.condensed_conv_into(input, index, scale, shift, weight, groups, out, out_offset, out_scale,
-                                            out_shift)
-
-
 # --- Autocast: the condensed conv runs in the autocast dtype, as a convolution does ---------------
 # The gathered input and the weight are cast (float64 stays, as autocast leaves it); the folded BN
 # scale and shift stay float32: the kernels apply them and accumulate the GEMM in float32.
@@ -306,21 +288,5 @@ def _condensed_conv_autocast(device_type):
     return kernel
 
 
-def _condensed_conv_into_autocast(device_type):
-    def kernel(input, index, scale, shift, weight, groups, out, out_offset, out_scale=None, out_shift=None):
-        input, weight = _autocast_operand(input, device_type), _autocast_operand(weight, device_type)
-        with torch.autocast(device_type, enabled=False):
-            if out.dtype == input.dtype:
-                torch.ops.dense_ops.condensed_conv_into(input, index, scale, shift, weight, groups, out, out_offset,
-                                                        out_scale, out_shift)
-                return
-            # The kernel writes its own dtype: computed in the autocast dtype, then copied into `out`.
-            result = torch.ops.dense_ops.condensed_conv(input, index, scale, shift, weight, groups, out_scale,
-                                                        out_shift)
-            out[:, out_offset:out_offset + result.shape[1]] = result
-    return kernel
-
-
 for _device_type, _key in _AUTOCAST_KEYS.items():
     _autocast_library.impl("condensed_conv", _condensed_conv_autocast(_device_type), _key)
-    _autocast_library.impl("condensed_conv_into", _condensed_conv_into_autocast(_device_type), _key)

@@ -69,22 +69,6 @@ def test_condensed_conv_matches_reference(device, dtype, layout):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_condensed_conv_into_writes_only_its_slice(device, channels_last):
-    layer = condensed_layer(device=device)
-    x = torch.randn(2, 12, 4, 4, dtype=torch.float64, device=device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    buffer = torch.randn(2, 20, 4, 4, dtype=torch.float64, device=device).to(memory_format=fmt)
-    before = buffer.clone()
-    dense_ops.ops.condensed_conv_into(x, *op_args(layer), buffer, 7)
-    with torch.no_grad():
-        expected = reference.condensed_conv(x, layer.index, layer.norm, layer.weight, layer.groups)
-    torch.testing.assert_close(buffer[:, 7:15], expected)
-    torch.testing.assert_close(buffer[:, :7], before[:, :7])
-    torch.testing.assert_close(buffer[:, 15:], before[:, 15:])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("channels_last", [False, True])
 def test_condensed_conv_applies_the_next_batch_norm_and_relu(device, channels_last):
     layer = condensed_layer(device=device)
     following = randomize(nn.BatchNorm2d(layer.out_channels)).to(device, torch.float64).eval()
@@ -92,17 +76,14 @@ def test_condensed_conv_applies_the_next_batch_norm_and_relu(device, channels_la
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     out_scale, out_shift = fold_batch_norm(following)
-    buffer = torch.zeros(3, 20, 5, 6, dtype=torch.float64, device=device)
     with torch.no_grad():
         expected = torch.relu(following(reference.condensed_conv(x, layer.index, layer.norm, layer.weight,
                                                                  layer.groups)))
         actual = dense_ops.ops.condensed_conv(x, *op_args(layer), out_scale, out_shift)
-        dense_ops.ops.condensed_conv_into(x, *op_args(layer), buffer, 5, out_scale, out_shift)
         module_output = layer.forward_bn_relu(x, following)
     assert (expected == 0).any() and (expected > 0).any()  # the ReLU is exercised
-    for result in (actual, buffer[:, 5:13], module_output):
+    for result in (actual, module_output):
         torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
-    assert buffer[:, :5].eq(0).all() and buffer[:, 13:].eq(0).all()
     without_affine = nn.BatchNorm2d(8, affine=False)
     without_affine.running_mean.uniform_(-0.5, 0.5)
     for plain in (without_affine, nn.BatchNorm2d(8, track_running_stats=False)):
@@ -138,12 +119,8 @@ def test_condensed_conv_opcheck():
     torch.library.opcheck(torch.ops.dense_ops.condensed_conv.default, (x, *op_args(layer)))
     torch.library.opcheck(torch.ops.dense_ops.condensed_conv.default,
                           (x.to(memory_format=torch.channels_last), *op_args(layer)))
-    buffer = torch.zeros(2, 11, 3, 4)
-    torch.library.opcheck(torch.ops.dense_ops.condensed_conv_into.default, (x, *op_args(layer), buffer, 3))
     epilogue = (torch.rand(8) + 0.5, torch.randn(8))
     torch.library.opcheck(torch.ops.dense_ops.condensed_conv.default, (x, *op_args(layer), *epilogue))
-    torch.library.opcheck(torch.ops.dense_ops.condensed_conv_into.default,
-                          (x, *op_args(layer), buffer, 3, *epilogue))
 
 
 def test_condensed_conv_empty_batch():
@@ -166,11 +143,6 @@ def test_condensed_conv_bad_arguments():
         dense_ops.ops.condensed_conv(x, index, scale, shift, weight.double(), groups)
     with pytest.raises(RuntimeError, match="index must be a 1-D int64 tensor"):
         dense_ops.ops.condensed_conv(x, index.int(), scale, shift, weight, groups)
-    with pytest.raises(RuntimeError, match="exceeds out's"):
-        dense_ops.ops.condensed_conv_into(x, index, scale, shift, weight, groups, torch.zeros(1, 10, 2, 2), 3)
-    with pytest.raises(RuntimeError, match="out must have the input's dtype and device"):
-        dense_ops.ops.condensed_conv_into(x, index, scale, shift, weight, groups,
-                                          torch.zeros(1, 11, 2, 2, dtype=torch.float64), 3)
     with pytest.raises(RuntimeError, match="out_scale and out_shift must be given together"):
         dense_ops.ops.condensed_conv(x, index, scale, shift, weight, groups, torch.ones(8))
     with pytest.raises(RuntimeError, match="out_scale and out_shift must be floating 1-D tensors of out_channels=8"):
@@ -186,9 +158,6 @@ def test_condensed_conv_meta_argument_is_a_device_mismatch():
     x = torch.randn(1, 12, 2, 2)
     with pytest.raises(RuntimeError, match="condensed_conv: index is on meta, but the input is on cpu"):
         dense_ops.ops.condensed_conv(x, index.to("meta"), scale, shift, weight, groups)
-    with pytest.raises(RuntimeError, match="condensed_conv_into: out is on meta"):
-        dense_ops.ops.condensed_conv_into(x, index, scale, shift, weight, groups, torch.zeros(1, 11, 2, 2,
-                                                                                             device="meta"), 3)
 
 
 @pytest.mark.needs_cuda
@@ -198,8 +167,8 @@ def test_condensed_conv_device_mismatch():
     x = torch.randn(1, 12, 2, 2, device="cuda")
     with pytest.raises(RuntimeError, match="condensed_conv: index must be a CUDA tensor, got one on cpu"):
         dense_ops.ops.condensed_conv(x, index.cpu(), scale, shift, weight, groups)
-    with pytest.raises(RuntimeError, match="condensed_conv_into: out must be a CUDA tensor, got one on cpu"):
-        dense_ops.ops.condensed_conv_into(x, index, scale, shift, weight, groups, torch.zeros(1, 11, 2, 2), 3)
+    with pytest.raises(RuntimeError, match="condensed_conv: out_scale must be a CUDA tensor, got one on cpu"):
+        dense_ops.ops.condensed_conv(x, index, scale, shift, weight, groups, torch.ones(8), torch.zeros(8, device="cuda"))
 
 
 def test_condensed_conv_module_is_differentiable_through_reference_path():
@@ -474,15 +443,14 @@ def test_condensed_model_takes_the_fused_path_without_no_grad():
         expected = reference.unfused_condensenet(fast)(x)
     with CountOps() as counts:
         actual = fast(x)  # grad mode on, but nothing requires grad
-    fused = counts.calls["dense_ops::condensed_conv"] + counts.calls["dense_ops::condensed_conv_into"]
-    assert fused == sum(isinstance(m, CondensedConv) for m in fast.modules())
+    assert counts.calls["dense_ops::condensed_conv"] == sum(isinstance(m, CondensedConv) for m in fast.modules())
     assert counts.calls["aten::cat"] == 0 and not actual.requires_grad
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     # An input that asks for gradients gets them, through the differentiable reference path.
     x.requires_grad_()
     with CountOps() as counts:
         actual = fast(x)
-    assert counts.calls["dense_ops::condensed_conv"] + counts.calls["dense_ops::condensed_conv_into"] == 0
+    assert counts.calls["dense_ops::condensed_conv"] == 0
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     actual.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()

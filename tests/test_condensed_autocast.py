@@ -63,18 +63,6 @@ def test_fused_next_bn_relu_under_autocast(device, dtype, unit_roundoff):
     assert ((low.double() - expected).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("device, dtype, unit_roundoff", AUTOCAST)
-@pytest.mark.parametrize("buffer_dtype", ["autocast", "float32"])
-def test_into_a_buffer_under_autocast(device, dtype, unit_roundoff, buffer_dtype):
-    args = op_inputs(device)
-    buffer = torch.full((3, 20, 5, 7), 7.0, device=device, dtype=dtype if buffer_dtype == "autocast" else torch.float32)
-    with torch.autocast(device, dtype=dtype):
-        ops.condensed_conv_into(*args, buffer, 3)
-    bound, exact = error_bound(*args, unit_roundoff)
-    assert ((buffer[:, 3:19].double() - exact).abs() <= bound).all()
-    assert (buffer[:, :3] == 7).all() and (buffer[:, 19:] == 7).all()
-
-
 def test_float64_is_left_alone_under_autocast():
     args = [t.double() if t.is_floating_point() else t for t in op_inputs("cpu")[:5]] + [4]
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -82,26 +82,6 @@ def test_condensed_condensenet(tmp_path):
     assert 4 in groups  # the condensed 1x1 convs stay grouped
 
 
-class IntoBuffer(nn.Module):
-    """CondensedConv writing into a slice of a preallocated buffer (dense_ops.ops.condensed_conv_into)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = randomize_batch_norms(dense_ops.CondensedConv(12, 8, 4, 3)).requires_grad_(False).eval()
-        with torch.no_grad():
-            self.conv.index.copy_(torch.randint(0, 12, (12,)))
-
-    def forward(self, x):
-        buffer = torch.zeros(x.shape[0], 20, x.shape[2], x.shape[3])
-        buffer[:, :12] = x
-        return self.conv(x, out=buffer, out_offset=12)
-
-
-def test_condensed_conv_into_a_buffer(tmp_path):
-    torch.manual_seed(0)
-    assert_onnx_equals_torch(IntoBuffer().eval(), torch.randn(2, 12, 5, 5), tmp_path / "into.onnx")
-
-
 def test_training_mode_dense_block_is_refused():
     """Batch statistics and running-statistics updates have no plain form here: the non-strict capture
     refuses with our message; torch.onnx then retries with dynamo (which cannot see that an ONNX export

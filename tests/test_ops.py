@@ -268,3 +268,16 @@ def test_double_backward_is_refused():
     x = torch.randn(2, 6, 4, 4, dtype=torch.float64, requires_grad=True)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(block(x).sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_stats_dtype_is_the_ops(dtype):
+    """ops.stats_dtype, which the fake kernels use, is the dtype of the statistics the real op returns."""
+    x, params, mask, bottleneck, training, recompute, eps = forward_args(2, True, "bn_relu")
+    x, params = x.detach().to(dtype), [p.detach().to(dtype) for p in params]
+    with torch.no_grad():
+        _, batch_mean, batch_var, _, bottleneck_mean, bottleneck_var = torch.ops.dense_ops.dense_block_forward(
+            x, params, mask, bottleneck, training, recompute, eps)
+    stats = dense_ops.ops.stats_dtype(dtype)
+    assert batch_mean.numel() and bottleneck_mean.numel()  # training: statistics were computed
+    assert batch_mean.dtype == batch_var.dtype == bottleneck_mean.dtype == bottleneck_var.dtype == stats

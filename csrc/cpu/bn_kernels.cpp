@@ -119,16 +119,18 @@ void channel_moments(const at::Tensor& x, const at::Tensor& mean, const at::Tens
     using stat_t = at::opmath_type<scalar_t>;
     using sum_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
     with_flag(channels_last, [&](auto layout) {
-      constexpr bool kCL = decltype(layout)::value;
-      const Plane<scalar_t, kCL> in(x);
+      constexpr bool kChannelsLast = decltype(layout)::value;
+      const Plane<scalar_t, kChannelsLast> in(x);
       stat_t* mean_out = mean.data_ptr<stat_t>();
       stat_t* var_out = var.data_ptr<stat_t>();
       const sum_t count = static_cast<sum_t>(e.per_channel());
       parallel_over_channels(e, [&](int64_t c0, int64_t c1) {
         std::vector<sum_t> sum(c1 - c0, 0), squares(c1 - c0, 0);
-        visit<kCL>(e, c0, c1, [&](int64_t c, int64_t n, int64_t s) { sum[c - c0] += static_cast<sum_t>(in(n, c, s)); });
+        visit<kChannelsLast>(e, c0, c1, [&](int64_t c, int64_t n, int64_t s) {
+          sum[c - c0] += static_cast<sum_t>(in(n, c, s));
+        });
         for (auto& v : sum) v /= count;  // now the mean; two passes for an accurate variance
-        visit<kCL>(e, c0, c1, [&](int64_t c, int64_t n, int64_t s) {
+        visit<kChannelsLast>(e, c0, c1, [&](int64_t c, int64_t n, int64_t s) {
           const sum_t d = static_cast<sum_t>(in(n, c, s)) - sum[c - c0];
           squares[c - c0] += d * d;
         });
@@ -146,12 +148,13 @@ void bn_relu_forward(const at::Tensor& x, const BnParams& bn, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_relu_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_flag(channels_last, [&](auto layout) {
-      constexpr bool kCL = decltype(layout)::value;
-      const Plane<scalar_t, kCL> in(x), result(out);
+      constexpr bool kChannelsLast = decltype(layout)::value;
+      const Plane<scalar_t, kChannelsLast> in(x), result(out);
       parallel_over_channels(e, [&](int64_t c0, int64_t c1) {
         const AffineColumns<acc_t> columns(affines<acc_t>(bn, c0, c1));
         const auto affine = [&](int64_t c) { return columns.at(c - c0); };
-        for_each_run<kCL>(e, c0, c1, affine, [&](int64_t n, int64_t c, int64_t s, int64_t length, auto affine_at) {
+        for_each_run<kChannelsLast>(e, c0, c1, affine, [&](int64_t n, int64_t c, int64_t s, int64_t length,
+                                                            auto affine_at) {
           const scalar_t* __restrict__ x_run = &in(n, c, s);
           scalar_t* __restrict__ out_run = &result(n, c, s);
           for (int64_t j = 0; j < length; ++j) {
@@ -220,19 +223,19 @@ void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnP
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_relu_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_flag(channels_last, [&](auto layout) {
-      constexpr bool kCL = decltype(layout)::value;
+      constexpr bool kChannelsLast = decltype(layout)::value;
       with_flag(accumulate, [&](auto accumulate_flag) {
         constexpr bool kAccumulate = decltype(accumulate_flag)::value;
-        const Plane<scalar_t, kCL> in(x), dz(grad_out);
-        const Plane<acc_t, kCL> acc(accumulated);
+        const Plane<scalar_t, kChannelsLast> in(x), dz(grad_out);
+        const Plane<acc_t, kChannelsLast> acc(accumulated);
         double* total_dy_xhat = sum_dy_xhat.data_ptr<double>();
         double* total_dy = sum_dy.data_ptr<double>();
         parallel_over_channels(e, [&](int64_t c0, int64_t c1) {
-          const auto a = affines<acc_t>(bn, c0, c1);
+          const auto channel_affines = affines<acc_t>(bn, c0, c1);
           std::vector<double> partial_dy(c1 - c0, 0), partial_dy_xhat(c1 - c0, 0);
-          if (kCL) {
+          if (kChannelsLast) {
             constexpr int64_t kTile = 64;  // pixels summed in acc_t before the double totals
-            const AffineColumns<acc_t> columns(a);
+            const AffineColumns<acc_t> columns(channel_affines);
             std::vector<acc_t> tile_dy(c1 - c0), tile_dy_xhat(c1 - c0);
             for (int64_t n = 0; n < e.batch; ++n) {
               for (int64_t s0 = 0; s0 < e.spatial; s0 += kTile) {
@@ -250,8 +253,8 @@ void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnP
           } else {
             for (int64_t c = c0; c < c1; ++c)
               for (int64_t n = 0; n < e.batch; ++n)
-                backward_channel_run<kAccumulate>(&in(n, c, 0), &dz(n, c, 0), &acc(n, c, 0), e.spatial, a[c - c0],
-                                                  partial_dy[c - c0], partial_dy_xhat[c - c0]);
+                backward_channel_run<kAccumulate>(&in(n, c, 0), &dz(n, c, 0), &acc(n, c, 0), e.spatial,
+                                                  channel_affines[c - c0], partial_dy[c - c0], partial_dy_xhat[c - c0]);
           }
           for (int64_t c = c0; c < c1; ++c) {
             total_dy_xhat[c] += partial_dy_xhat[c - c0];
@@ -276,11 +279,11 @@ void bn_input_grad(const at::Tensor& x, const BnParams& stats, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_input_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_flag(channels_last, [&](auto layout) {
-      constexpr bool kCL = decltype(layout)::value;
-      const Plane<scalar_t, kCL> in(x), result(out);
-      const Plane<acc_t, kCL> acc(accumulated);
+      constexpr bool kChannelsLast = decltype(layout)::value;
+      const Plane<scalar_t, kChannelsLast> in(x), result(out);
+      const Plane<acc_t, kChannelsLast> acc(accumulated);
       const bool has_direct = direct.defined();
-      const Plane<scalar_t, kCL> dir(has_direct ? direct : out);
+      const Plane<scalar_t, kChannelsLast> dir(has_direct ? direct : out);
       const bool has_proj = proj_mean.defined();  // eval mode has none: the statistics are constants
       const acc_t* pm = has_proj ? proj_mean.data_ptr<acc_t>() : nullptr;
       const acc_t* px = has_proj ? proj_xhat.data_ptr<acc_t>() : nullptr;
@@ -290,21 +293,22 @@ void bn_input_grad(const at::Tensor& x, const BnParams& stats, const at::Tensor&
         const auto column = [&](int64_t c) {
           return has_proj ? InputGradColumn<acc_t>{norm.at(c - c0), pm[c], px[c]} : InputGradColumn<acc_t>{};
         };
-        for_each_run<kCL>(e, c0, c1, column, [&](int64_t n, int64_t c, int64_t s, int64_t length, auto column_at) {
+        for_each_run<kChannelsLast>(e, c0, c1, column, [&](int64_t n, int64_t c, int64_t s, int64_t length,
+                                                            auto column_at) {
           const scalar_t* __restrict__ x_run = &in(n, c, s);
           const scalar_t* __restrict__ direct_run = &dir(n, c, s);
           const acc_t* __restrict__ acc_run = &acc(n, c, s);
           scalar_t* __restrict__ out_run = &result(n, c, s);
           for (int64_t j = 0; j < length; ++j) {
-            const acc_t d = has_direct ? static_cast<acc_t>(direct_run[j]) : acc_t(0);
+            const acc_t direct_grad = has_direct ? static_cast<acc_t>(direct_run[j]) : acc_t(0);
             if (!has_proj) {  // eval mode: x does not enter the gradient (not even a NaN in it)
-              out_run[j] = static_cast<scalar_t>(d + acc_run[j]);
+              out_run[j] = static_cast<scalar_t>(direct_grad + acc_run[j]);
               continue;
             }
             const auto col = column_at(j);
             const acc_t x_hat = math::normalized(static_cast<acc_t>(x_run[j]), col.norm);
-            out_run[j] =
-                static_cast<scalar_t>(math::final_input_grad(d, acc_run[j], x_hat, col.proj_mean, col.proj_xhat));
+            out_run[j] = static_cast<scalar_t>(
+                math::final_input_grad(direct_grad, acc_run[j], x_hat, col.proj_mean, col.proj_xhat));
           }
         });
       });

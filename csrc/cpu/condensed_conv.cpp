@@ -1,12 +1,13 @@
 // CPU kernels of the condensed 1x1 convolution: the gather + BN + ReLU operand load and the
 // shuffled scatter, own loops parallelized with at::parallel_for; the index math from
-// common/condense_math.h and the GEMM through ATen. Registered for the CPU key.
+// common/condense_math.h, the rest of the op from condensed_conv.cpp. Registered for the CPU key.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "common/condense_math.h"
+#include "condensed_conv.h"
 #include "cpu/static_flags.h"
 
 namespace dense_ops {
@@ -140,19 +141,10 @@ at::Tensor condensed_conv_cpu(const at::Tensor& input, const at::Tensor& index, 
   return condense::run(kCpuKernels, input, index, scale, shift, weight, groups, out_scale, out_shift);
 }
 
-void condensed_conv_into_cpu(const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
-                             const at::Tensor& shift, const at::Tensor& weight, int64_t groups, at::Tensor out,
-                             int64_t out_offset, const condense::OptionalTensor& out_scale,
-                             const condense::OptionalTensor& out_shift) {
-  condense::run_into_checked(kCpuKernels, input, index, scale, shift, weight, groups, out, out_offset, out_scale,
-                             out_shift);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dense_ops, CPU, m) {
   m.impl("condensed_conv", &condensed_conv_cpu);
-  m.impl("condensed_conv_into", &condensed_conv_into_cpu);
 }
 
 }  // namespace dense_ops

@@ -1,6 +1,6 @@
 // CUDA kernels of the condensed 1x1 convolution: the gather + BN + ReLU operand load and the
-// shuffled scatter, with the index math of common/condense_math.h; the GEMM runs through
-// at::bmm (cuBLAS). Registered for the CUDA key.
+// shuffled scatter, with the index math of common/condense_math.h; the rest of the op, the GEMM
+// through at::bmm (cuBLAS) included, is condensed_conv.cpp's. Registered for the CUDA key.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -12,6 +12,7 @@
 #include <algorithm>
 
 #include "common/condense_math.h"
+#include "condensed_conv.h"
 #include "cuda/device_checks.h"
 
 namespace dense_ops {
@@ -111,24 +112,10 @@ at::Tensor condensed_conv_cuda(const at::Tensor& input, const at::Tensor& index,
   return condense::run(kCudaKernels, input, index, scale, shift, weight, groups, out_scale, out_shift);
 }
 
-void condensed_conv_into_cuda(const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
-                              const at::Tensor& shift, const at::Tensor& weight, int64_t groups, at::Tensor out,
-                              int64_t out_offset, const condense::OptionalTensor& out_scale,
-                              const condense::OptionalTensor& out_shift) {
-  check_same_cuda_device("condensed_conv_into",
-                         {{"input", input}, {"index", index}, {"scale", scale}, {"shift", shift}, {"weight", weight},
-                          {"out", out}, {"out_scale", out_scale.value_or(at::Tensor())},
-                          {"out_shift", out_shift.value_or(at::Tensor())}});
-  const c10::cuda::CUDAGuard guard(input.device());
-  condense::run_into_checked(kCudaKernels, input, index, scale, shift, weight, groups, out, out_offset, out_scale,
-                             out_shift);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dense_ops, CUDA, m) {
   m.impl("condensed_conv", &condensed_conv_cuda);
-  m.impl("condensed_conv_into", &condensed_conv_into_cuda);
 }
 
 }  // namespace dense_ops

@@ -62,14 +62,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return sim ? dense_ops::sim_condensed_conv(input, index, scale, shift, weight, groups, os, osh)
                : dense_ops::cpu_condensed_conv(input, index, scale, shift, weight, groups, os, osh);
   });
-  m.def("condensed_conv_into", [](bool sim, const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
-                                  const at::Tensor& shift, const at::Tensor& weight, int64_t groups, at::Tensor out,
-                                  int64_t off, const dense_ops::OptT& os, const dense_ops::OptT& osh) {
-    if (sim)
-      dense_ops::sim_condensed_conv_into(input, index, scale, shift, weight, groups, out, off, os, osh);
-    else
-      dense_ops::cpu_condensed_conv_into(input, index, scale, shift, weight, groups, out, off, os, osh);
-  });
   m.def("stats", [] {
     const auto& s = cudasim::stats();
     return std::map<std::string, uint64_t>{{"launches", s.launches}, {"blocks", s.blocks},

@@ -14,10 +14,4 @@ at::Tensor sim_condensed_conv(const at::Tensor& input, const at::Tensor& index, 
 at::Tensor cpu_condensed_conv(const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
                               const at::Tensor& shift, const at::Tensor& weight, int64_t groups, const OptT& out_scale,
                               const OptT& out_shift);
-void sim_condensed_conv_into(const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
-                             const at::Tensor& shift, const at::Tensor& weight, int64_t groups, at::Tensor out,
-                             int64_t out_offset, const OptT& out_scale, const OptT& out_shift);
-void cpu_condensed_conv_into(const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
-                             const at::Tensor& shift, const at::Tensor& weight, int64_t groups, at::Tensor out,
-                             int64_t out_offset, const OptT& out_scale, const OptT& out_shift);
 }  // namespace dense_ops
