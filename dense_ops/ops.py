@@ -244,7 +244,8 @@ def _condensed_conv_fake(input, index, scale, shift, weight, groups, out_scale=N
 def _condensed_conv_backward(ctx, grad):
     raise RuntimeError(
         "dense_ops.condensed_conv is an inference kernel and has no backward; dense_ops.CondensedConv runs the "
-        "differentiable reference path when gradients are needed (training mode, or inputs requiring grad)")
+        "differentiable step-by-step path (unfused_condensed_conv) when gradients are needed (training mode, or "
+        "inputs requiring grad)")
 
 
 torch.library.register_autograd("dense_ops::condensed_conv", _condensed_conv_backward)
