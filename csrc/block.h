@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 #include "block_checks.h"
 #include "dense_block.h"
 #include "stat_sync.h"
@@ -19,7 +21,7 @@ enum class BottleneckStrategy { kPerSample, kBatched };
 
 // kPerSample splits the batch into this many sample ranges (fewer for a smaller batch), whatever
 // the thread count, so that per-range partial sums, added in range order, give bitwise the same
-// gradients for any number of threads.
+// gradients for any number of threads. The ranges share one scratch sample per thread.
 constexpr int64_t kSampleRanges = 16;
 BottleneckStrategy bottleneck_strategy(const at::Tensor& features);
 
@@ -42,17 +44,26 @@ struct Block {
   const StatSync& sync;
   BottleneckStrategy strategy;
   at::Tensor features, batch_mean, batch_var, bottleneck_mean, bottleneck_var;
-  // BN1-ReLU outputs: with a bottleneck, `scratch_samples` samples' worth (one per sample range
-  // for kPerSample, one chunk for kBatched); without, the whole batch.
+  // BN1-ReLU outputs: with a bottleneck, `scratch_samples` samples' worth (one per thread for
+  // kPerSample, one chunk for kBatched); without, the whole batch.
   at::Tensor scratch;
   int64_t scratch_samples = 0;
+  int64_t sample_ranges = 0;  // kPerSample's split of the batch (see kSampleRanges)
 
   int64_t count() const { return sync.count(); }  // over the process group when synchronized
   at::Tensor inputs(int64_t l) const { return features.narrow(1, 0, shape.channels(l)); }
+  // Elements between consecutive scratch samples: one sample of the widest layer's input, rounded
+  // up to the allocator's 64-byte alignment so that every slot is aligned alike (GEMM kernels pick
+  // their code path by alignment: a sample must round the same in whichever slot it lands).
+  int64_t scratch_stride() const {
+    const int64_t per_sample = shape.channels(shape.num_layers - 1) * shape.height * shape.width;
+    const int64_t per_line = std::max<int64_t>(1, 64 / features.element_size());
+    return (per_sample + per_line - 1) / per_line * per_line;
+  }
   // The BN1-ReLU output of layer l for `samples` samples, starting at scratch sample `slot`.
   at::Tensor z1(int64_t l, int64_t slot, int64_t samples) const {
-    const int64_t per_sample = shape.channels(shape.num_layers - 1) * shape.height * shape.width;
-    return channels_view(scratch, slot * per_sample, samples, shape.channels(l), shape.height, shape.width, format);
+    return channels_view(scratch, slot * scratch_stride(), samples, shape.channels(l), shape.height, shape.width,
+                         format);
   }
   // Batch-norm parameters: batch statistics in training, the layer's running statistics in eval mode.
   BnParams bn1(int64_t l) const;

@@ -44,12 +44,13 @@ void Block::allocate_scratch() {
   if (!bottleneck) {
     scratch_samples = shape.batch;
   } else if (strategy == BottleneckStrategy::kPerSample) {
-    scratch_samples = std::min(shape.batch, kSampleRanges);
+    sample_ranges = std::min(shape.batch, kSampleRanges);
+    scratch_samples = std::min<int64_t>(sample_ranges, at::get_num_threads());
   } else {
     const int64_t bytes = std::max<int64_t>(1, per_sample * features.element_size());
     scratch_samples = std::max<int64_t>(1, std::min<int64_t>(shape.batch, batched_scratch_bytes() / bytes));
   }
-  scratch = at::empty({scratch_samples * per_sample}, features.options());
+  scratch = at::empty({scratch_samples * scratch_stride()}, features.options());
 }
 
 namespace {
@@ -71,18 +72,21 @@ at::Tensor weight_matrix(const at::Tensor& weight) { return weight.reshape({weig
 // (transposed strides for channels-last), so that GEMM outputs land in our buffers.
 at::Tensor sample_matrix(const at::Tensor& sample) { return sample.permute({0, 2, 3, 1}).view({-1, sample.size(1)}).t(); }
 
-// Runs body(range, n_begin, n_end) over the batch split into one contiguous sample range per
-// scratch slot, the ranges on parallel threads and everything inside serially: one large
-// parallel region instead of several small ones per sample. The split depends on neither the
-// thread count nor scheduling, so per-range partial sums add up deterministically.
+// Runs body(slot, range, n_begin, n_end) over the batch split into block.sample_ranges contiguous
+// ranges, the ranges on parallel threads and everything inside serially: one large parallel
+// region instead of several small ones per sample. The split depends on neither the thread count
+// nor scheduling, so per-range partial sums add up deterministically. `slot` is the running
+// thread's scratch sample: a parallel region numbers its threads below min(threads, ranges), the
+// scratch's size; one that runs inline (nested in another region) runs every range on one thread.
 template <typename Body>
 void for_sample_ranges(const Block& block, const Body& body) {
-  const int64_t ranges = block.scratch_samples, batch = block.shape.batch;
+  const int64_t ranges = block.sample_ranges, batch = block.shape.batch;
   const at::ThreadLocalState caller;  // worker threads run our ATen calls as the caller does (below autograd)
   at::parallel_for(0, ranges, 1, [&](int64_t range_begin, int64_t range_end) {
     const at::ThreadLocalStateGuard as_caller(caller);
+    const int64_t slot = at::get_thread_num() % block.scratch_samples;
     for (int64_t range = range_begin; range < range_end; ++range) {
-      body(range, batch * range / ranges, batch * (range + 1) / ranges);
+      body(slot, range, batch * range / ranges, batch * (range + 1) / ranges);
     }
   });
 }
@@ -90,8 +94,8 @@ void for_sample_ranges(const Block& block, const Body& body) {
 void forward_per_sample(const Block& block, int64_t l, const at::Tensor& out) {
   const BnParams bn1 = block.bn1(l);
   const at::Tensor weight = weight_matrix(block.weight(l, kConv1Weight)), x = block.inputs(l);
-  for_sample_ranges(block, [&](int64_t range, int64_t n_begin, int64_t n_end) {
-    const at::Tensor z = block.z1(l, range, 1), z_matrix = sample_matrix(z);
+  for_sample_ranges(block, [&](int64_t slot, int64_t, int64_t n_begin, int64_t n_end) {
+    const at::Tensor z = block.z1(l, slot, 1), z_matrix = sample_matrix(z);
     for (int64_t n = n_begin; n < n_end; ++n) {
       block.kernels.bn_relu_forward(x.narrow(0, n, 1), bn1, z, block.channels_last);
       at::Tensor out_matrix = sample_matrix(out.narrow(0, n, 1));
@@ -104,15 +108,15 @@ void backward_per_sample(const Block& block, int64_t l, const at::Tensor& grad_o
                          bool accumulate, const at::Tensor& grad_conv1, const at::Tensor& sum_dy_xhat,
                          const at::Tensor& sum_dy) {
   const BnParams bn1 = block.bn1(l);
-  const int64_t channels = block.shape.channels(l), ranges = block.scratch_samples;
+  const int64_t channels = block.shape.channels(l), ranges = block.sample_ranges;
   const at::Tensor weight = weight_matrix(block.weight(l, kConv1Weight));
   const at::Tensor x = block.inputs(l), acc_inputs = accumulated.narrow(1, 0, channels);
   // Per-range partial sums, added up in range order below.
   const at::Tensor partial_sums = at::zeros({ranges, 2, channels}, sum_dy.options());
   const at::Tensor partial_grad_conv1 =
       grad_conv1.defined() ? at::zeros({ranges, grad_conv1.size(0), channels}, grad_conv1.options()) : at::Tensor();
-  for_sample_ranges(block, [&](int64_t range, int64_t n_begin, int64_t n_end) {
-    const at::Tensor z = block.z1(l, range, 1), z_matrix = sample_matrix(z);
+  for_sample_ranges(block, [&](int64_t slot, int64_t range, int64_t n_begin, int64_t n_end) {
+    const at::Tensor z = block.z1(l, slot, 1), z_matrix = sample_matrix(z);
     for (int64_t n = n_begin; n < n_end; ++n) {
       const at::Tensor x_n = x.narrow(0, n, 1), grad_matrix = sample_matrix(grad_out.narrow(0, n, 1));
       block.kernels.bn_relu_forward(x_n, bn1, z, block.channels_last);

@@ -217,7 +217,7 @@ def update_running_stats(running_mean, running_var, batch_mean, batch_var, momen
     torch.ops.dense_ops.update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count)
 
 
-# --- CondenseNet: the condensed 1x1 convolution (csrc/common/condense_math.h) -------------------
+# --- CondenseNet: the condensed 1x1 convolution (csrc/condensed_conv.h, csrc/common/condense_math.h) ---
 
 def channel_shuffle(x, groups):
     """Channel g*D + j moves to j*groups + g (ShuffleNet's shuffle, as CondenseNet applies it)."""
