@@ -89,7 +89,7 @@ def dense_block(input: torch.Tensor, layer_params: Sequence[torch.Tensor], *, bo
     if training and sync_group is not None:
         count = _group_count(count, sync_group, input.device)
     if training and count > 0:
-        _update_running_stats(layer_params, per_layer, batch_mean, batch_var, bottleneck_mean, bottleneck_var,
+        _update_running_stats(layer_params, bottleneck, batch_mean, batch_var, bottleneck_mean, bottleneck_var,
                               momentum, count)
     return features
 
@@ -101,17 +101,17 @@ def _group_count(count: int, group_name: str, device: torch.device) -> int:
     return int(total.item())
 
 
-def _update_running_stats(layer_params, per_layer, batch_mean, batch_var, bottleneck_mean, bottleneck_var,
+def _update_running_stats(layer_params, bottleneck, batch_mean, batch_var, bottleneck_mean, bottleneck_var,
                           momentum, count):
-    num_layers = len(layer_params) // per_layer
-    norm1 = [layer_params[l * per_layer:(l + 1) * per_layer] for l in range(num_layers)]
-    means = [p[2] for p in norm1]
-    variances = [p[3] for p in norm1]
-    batch_means = [batch_mean[:m.shape[0]] for m in means]
-    batch_vars = [batch_var[:m.shape[0]] for m in means]
-    if per_layer == len(ops.PARAM_NAMES):  # with a bottleneck: norm2's statistics too
-        means += [p[7] for p in norm1]
-        variances += [p[8] for p in norm1]
+    per_layer = ops.params_per_layer(bottleneck)
+    layers = [layer_params[start:start + per_layer] for start in range(0, len(layer_params), per_layer)]
+    norms = ("norm1", "norm2") if bottleneck else ("norm1",)
+    # One entry per batch norm: all of the block's norm1, then all of its norm2.
+    means = [ops.layer_param(layer, f"{norm}.running_mean") for norm in norms for layer in layers]
+    variances = [ops.layer_param(layer, f"{norm}.running_var") for norm in norms for layer in layers]
+    batch_means = [batch_mean[:mean.shape[0]] for mean in means[:len(layers)]]
+    batch_vars = [batch_var[:mean.shape[0]] for mean in means[:len(layers)]]
+    if bottleneck:
         batch_means += list(bottleneck_mean.unbind(0))
         batch_vars += list(bottleneck_var.unbind(0))
     if len(momentum) != len(means):

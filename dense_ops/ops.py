@@ -18,11 +18,23 @@ from . import _C
 # Position of each parameter of a layer in the flat layer_params list, as the C++ op defines
 # it (csrc/dense_block.h, LayerParam); a layer without a bottleneck has the first five.
 PARAM_NAMES = tuple(_C.layer_param_names())
-RUNNING_STAT_SLOTS = frozenset(i for i, name in enumerate(PARAM_NAMES) if ".running_" in name)
+PARAM_SLOTS = {name: slot for slot, name in enumerate(PARAM_NAMES)}
+RUNNING_STAT_SLOTS = frozenset(slot for name, slot in PARAM_SLOTS.items() if ".running_" in name)
+_NORM_FIELDS = ("weight", "bias", "running_mean", "running_var")
 
 
 def params_per_layer(bottleneck: bool) -> int:
-    return len(PARAM_NAMES) if bottleneck else PARAM_NAMES.index("conv1.weight") + 1
+    return len(PARAM_NAMES) if bottleneck else PARAM_SLOTS["conv1.weight"] + 1
+
+
+def layer_param(layer, name: str):
+    """The parameter `name` (one of PARAM_NAMES) in one layer's slice of layer_params."""
+    return layer[PARAM_SLOTS[name]]
+
+
+def norm_params(layer, norm: str):
+    """(weight, bias, running_mean, running_var) of `norm` ("norm1" or "norm2") in one layer's parameters."""
+    return tuple(layer_param(layer, f"{norm}.{field}") for field in _NORM_FIELDS)
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -34,7 +46,7 @@ def _block_geometry(input, layer_params, bottleneck):
     per_layer = params_per_layer(bottleneck)
     num_layers = len(layer_params) // per_layer
     growth = layer_params[(num_layers - 1) * per_layer + per_layer - 1].shape[0]
-    width = layer_params[4].shape[0] if bottleneck else 0
+    width = layer_param(layer_params, "conv1.weight").shape[0] if bottleneck else 0
     return num_layers, growth, width
 
 
@@ -187,11 +199,12 @@ def _plain_dense_block_forward(input, layer_params, dropout_mask, bottleneck, tr
     per_layer = params_per_layer(bottleneck)
     features = input
     for start in range(0, len(layer_params), per_layer):
-        norm1, conv1 = layer_params[start:start + 4], layer_params[start + 4]
-        new = F.conv2d(_bn_relu(features, norm1, eps), conv1, padding=conv1.shape[-1] // 2)
+        layer = layer_params[start:start + per_layer]
+        conv1 = layer_param(layer, "conv1.weight")
+        new = F.conv2d(_bn_relu(features, norm_params(layer, "norm1"), eps), conv1, padding=conv1.shape[-1] // 2)
         if bottleneck:
-            norm2, conv2 = layer_params[start + 5:start + 9], layer_params[start + 9]
-            new = F.conv2d(_bn_relu(new, norm2, eps), conv2, padding=conv2.shape[-1] // 2)
+            conv2 = layer_param(layer, "conv2.weight")
+            new = F.conv2d(_bn_relu(new, norm_params(layer, "norm2"), eps), conv2, padding=conv2.shape[-1] // 2)
         if dropout_mask is not None:
             first = features.shape[1] - input.shape[1]
             new = new * dropout_mask[:, first:first + new.shape[1]]
