@@ -3,63 +3,85 @@ from __future__ import annotations
 
 from itertools import product
 
-from .workloads import CONDENSENET_IMPLEMENTATIONS, IMPLEMENTATIONS, MEMORY_FORMATS
+from .workloads import COMPILED_IMPLEMENTATIONS, CONDENSENET_IMPLEMENTATIONS, IMPLEMENTATIONS, MEMORY_FORMATS
 
 # Sizes per set. "full" uses issue 2's sizes: one dense block with L=24, C0=32, k=12,
-# bn_size=4 at N=32, 32x32, and DenseNet-BC-100 (k=12) at N=64, 32x32. "quick" keeps the
-# layers and maps but runs a quarter of the batch (memory and time both scale with N, so
-# the ratios to naive hold) to stay within about 5 minutes on 2 quiet CPU cores. "smoke"
-# is tiny: seconds per configuration, for checking the benchmark machinery only.
-# The depth sweep runs blocks at the 8x8 resolution of a CIFAR DenseNet's last block, C0 = 2k.
+# bn_size=4 at N=32, 32x32, DenseNet-BC-100 (k=12) at N=64, 32x32, and issue 14's densenet121
+# layout at 224x224, N=8. "quick" keeps the layers and maps but runs smaller batches (memory and
+# time both scale with N, so the ratios to naive hold) and fewer configurations, to stay within
+# 3 minutes on 2 quiet CPU cores. "smoke" is tiny: seconds per configuration, for checking the
+# benchmark machinery only.
+# The depth sweep runs blocks at the 8x8 resolution of a CIFAR DenseNet's last block, C0 = 2k;
+# "timed": whether its rows are timed too (else memory only); "search": whether the deepest block
+# within the memory budget is searched for by measurement (else only the quadratic fit, labelled so).
+# "compiled": the torch.compile rows per training suite (compiling costs minutes per model on 2 cores).
 SIZES = {
     "full": {"block": {"num_layers": 24, "c0": 32, "growth": 12, "bn_size": 4, "batch": 32, "size": 32},
              "cifar": {"depth": 100, "growth": 12, "batch": 64, "size": 32},
-             "imagenet": {"batch": 16, "size": 128},
+             "imagenet": {"batch": 8, "size": 224},
              "condensenet": {"batches": (1, 32), "size": 224},
-             "sweep": {"batch": 8, "size": 8, "depths": {12: (16, 32, 64, 128, 192, 256),
-                                                          32: (16, 32, 64, 128, 192, 256)}}},
-    "quick": {"block": {"num_layers": 24, "c0": 32, "growth": 12, "bn_size": 4, "batch": 8, "size": 32},
-              "cifar": {"depth": 100, "growth": 12, "batch": 16, "size": 32},
-              "imagenet": {"batch": 8, "size": 64},
-              "condensenet": {"batches": (1, 8), "size": 224},
-              "sweep": {"batch": 8, "size": 8, "depths": {12: (16, 32, 64, 128), 32: (16, 32, 64)}}},
+             "sweep": {"batch": 8, "size": 8, "timed": True, "search": True,
+                       "depths": {12: (16, 32, 64, 128, 192, 256), 32: (16, 32, 64, 128, 192, 256)}},
+             "compiled": {"block": COMPILED_IMPLEMENTATIONS, "densenet_bc100": COMPILED_IMPLEMENTATIONS,
+                          "densenet121": COMPILED_IMPLEMENTATIONS},
+             "budget_gib": 2.0},
+    "quick": {"block": {"num_layers": 24, "c0": 32, "growth": 12, "bn_size": 4, "batch": 4, "size": 32},
+              "cifar": {"depth": 100, "growth": 12, "batch": 8, "size": 32},
+              "imagenet": {"batch": 4, "size": 64},
+              "condensenet": {"batches": (1,), "size": 224},
+              "sweep": {"batch": 8, "size": 8, "timed": False, "search": False, "depths": {12: (16, 32, 64)}},
+              "compiled": {"block": COMPILED_IMPLEMENTATIONS[:2], "densenet_bc100": COMPILED_IMPLEMENTATIONS[:2],
+                           "densenet121": ()},
+              "budget_gib": 2.0},
     "smoke": {"block": {"num_layers": 6, "c0": 16, "growth": 8, "bn_size": 4, "batch": 4, "size": 16},
               "cifar": {"depth": 40, "growth": 12, "batch": 4, "size": 32},
               "imagenet": {"batch": 2, "size": 32},
               "condensenet": {"batches": (1,), "size": 64},
-              "sweep": {"batch": 2, "size": 8, "depths": {12: (4, 8, 16), 32: (4, 8, 16)}}},
+              "sweep": {"batch": 2, "size": 8, "timed": True, "search": True,
+                        "depths": {12: (4, 8, 16), 32: (4, 8, 16)}},
+              "compiled": {"block": COMPILED_IMPLEMENTATIONS[:2], "densenet_bc100": (), "densenet121": ()},
+              "budget_gib": 1 / 64},
 }
 INFERENCE_IMPLEMENTATIONS = ("naive", "dense_ops/bn_relu")  # recompute levels only differ in training
 
 
 def _configs(suite: str, workload: str, shapes, impls, formats, mode: str, options) -> list[dict]:
+    impls = [impl for impl in impls if not options.impls or impl in options.impls]
+    formats = [fmt for fmt in formats if not options.formats or fmt in options.formats]
     return [{"suite": suite, "workload": workload, "shape": shape, "impl": impl, "memory_format": memory_format,
              "mode": mode, "device": options.device, "threads": options.threads, "warmup": options.warmup,
              "repeats": options.repeats, "check": True}
             for shape, memory_format, impl in product(shapes, formats, impls)]
 
 
+def _training_implementations(suite: str, options) -> tuple[str, ...]:
+    """The eager implementations, then the set's torch.compile rows of this suite."""
+    return IMPLEMENTATIONS + tuple(SIZES[options.size]["compiled"][suite])
+
+
 def _formats(options) -> list[str]:
-    """Whole networks: contiguous only except in the full set (the block suite covers both formats)."""
+    """Networks and inference: contiguous only except in the full set (the block suite covers both formats)."""
     return list(MEMORY_FORMATS) if options.size == "full" else ["contiguous"]
 
 
 def block(options) -> list[dict]:
-    return _configs("block", "block", [SIZES[options.size]["block"]], IMPLEMENTATIONS, MEMORY_FORMATS, "train", options)
+    return _configs("block", "block", [SIZES[options.size]["block"]], _training_implementations("block", options),
+                    MEMORY_FORMATS, "train", options)
 
 
 def densenet_bc100(options) -> list[dict]:
-    return _configs("densenet_bc100", "densenet_cifar", [SIZES[options.size]["cifar"]], IMPLEMENTATIONS, _formats(options),
-                    "train", options)
+    return _configs("densenet_bc100", "densenet_cifar", [SIZES[options.size]["cifar"]],
+                    _training_implementations("densenet_bc100", options), _formats(options), "train", options)
 
 
 def densenet121(options) -> list[dict]:
-    return _configs("densenet121", "densenet121", [SIZES[options.size]["imagenet"]], IMPLEMENTATIONS,
-                    _formats(options), "train", options)
+    return _configs("densenet121", "densenet121", [SIZES[options.size]["imagenet"]],
+                    _training_implementations("densenet121", options), _formats(options), "train", options)
 
 
 def depth(options) -> list[dict]:
-    """Dense blocks of growing depth (contiguous format): memory and time against L."""
+    """Dense blocks of growing depth (contiguous format): memory (and in some sets time) against L.
+    The budget search (benchmarks.depth_search) starts from these."""
     configs = []
     sweep = SIZES[options.size]["sweep"]
     for growth, depths in sweep["depths"].items():
@@ -68,13 +90,13 @@ def depth(options) -> list[dict]:
         for config in _configs("depth", "block", shapes, IMPLEMENTATIONS, ["contiguous"], "train", options):
             # one correctness check per implementation and growth rate (the block suite checks the rest)
             config["check"] = config["shape"]["num_layers"] == depths[0]
-            config["repeats"] = options.sweep_repeats
+            config["timed"] = sweep["timed"]
             configs.append(config)
     return configs
 
 
 def inference(options) -> list[dict]:
-    return (_configs("inference", "block", [SIZES[options.size]["block"]], INFERENCE_IMPLEMENTATIONS, MEMORY_FORMATS,
+    return (_configs("inference", "block", [SIZES[options.size]["block"]], INFERENCE_IMPLEMENTATIONS, _formats(options),
                      "eval", options)
             + _configs("inference", "densenet_cifar", [SIZES[options.size]["cifar"]], INFERENCE_IMPLEMENTATIONS,
                        _formats(options), "eval", options))
