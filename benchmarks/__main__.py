@@ -22,16 +22,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="size", action="store_const", const="quick", default="quick",
-                      help="the default set: under 3 minutes on 2 quiet CPU cores once torch.compile's "
-                           "cache holds its graphs")
+                      help="the default set: under 3 minutes on 2 quiet CPU cores once inductor's cache holds "
+                           "its compiled graphs (the first run compiles them: minutes more)")
     size.add_argument("--full", dest="size", action="store_const", const="full",
-                      help="issue 2's batch sizes, more repetitions, deeper sweeps, both formats everywhere")
+                      help="issue 2's batch sizes, every suite, format and compile row, deeper sweeps, the "
+                           "measured depth search: hours on 2 cores")
     size.add_argument("--smoke", dest="size", action="store_const", const="smoke",
                       help="tiny sizes, seconds per configuration: checks the machinery, figures mean little")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<machine-id>/)")
     parser.add_argument("--only", nargs="+", choices=sorted(SUITES), metavar="SUITE",
-                        help=f"run only these suites: {', '.join(SUITES)}")
+                        help=f"run only these suites: {', '.join(SUITES)} (default: every one, but --quick runs "
+                             f"{', '.join(SIZES['quick']['suites'])})")
     parser.add_argument("--impls", nargs="+", choices=ALL_IMPLEMENTATIONS, metavar="IMPL",
                         help=f"run only these implementations: {', '.join(ALL_IMPLEMENTATIONS)}")
     parser.add_argument("--formats", nargs="+", choices=sorted(MEMORY_FORMATS), metavar="FORMAT",
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = runner.machine_info(args.device, args.threads)
     out = args.out or runner.REPO_ROOT / "benchmarks" / "results" / runner.machine_id(machine)
     out.mkdir(parents=True, exist_ok=True)
-    configs = [config for name in (args.only or SUITES) for config in SUITES[name](args)]
+    configs = [config for name in (args.only or SIZES[args.size]["suites"]) for config in SUITES[name](args)]
     print(f"{len(configs)} configurations on {report.machine_line(machine)}", file=sys.stderr)
 
     records = runner.run_all(configs, args.timeout)

@@ -76,7 +76,7 @@ def next_depth(fits: int, fits_peak: float | None, over: int | None, budget_byte
 
 def measure_depth(template: dict, layers: int, timeout_s: float) -> dict:
     config = dict(template, shape=dict(template["shape"], num_layers=layers), search=True, timed=False,
-                  check=False, warmup=0)
+                  check=False, unchecked_because="depth search point", warmup=0)
     config.pop("result", None)
     return dict(config, result=runner.run_one(config, timeout_s))
 

@@ -45,13 +45,16 @@ def _peak(record: dict) -> float | None:
 
 
 def _check_text(record: dict) -> str:
+    """The float64 check's outcome, or the error that stopped the row (of either process)."""
     result = record["result"]
     check = result.get("check")
+    if "error" in result and (check is None or check["passed"]):
+        return "ERROR: " + result["error"].splitlines()[0][:60]
     if check is not None:
         return f"{'ok' if check['passed'] else 'FAIL'} (float64 error {check['max_rel_error']:.0e})"
-    if "error" in result:
-        return "ERROR: " + result["error"].splitlines()[0][:60]
-    return "reference" if record["impl"] == BASELINE else "not checked"
+    if record["impl"] == BASELINE:
+        return "reference"
+    return "not checked: " + record.get("unchecked_because", "no reason recorded")
 
 
 def _compile_text(record: dict) -> str:
