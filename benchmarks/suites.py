@@ -44,7 +44,9 @@ SIZES = {
     "smoke": {"suites": ("block", "densenet_bc100", "densenet121", "depth", "inference", "condensenet"),
               "block": {"num_layers": 6, "c0": 16, "growth": 8, "bn_size": 4, "batch": 4, "size": 16},
               "cifar": {"depth": 40, "growth": 12, "batch": 4, "size": 32},
-              "imagenet": {"batch": 2, "size": 32},
+              # 64x64: at 32x32 the last block runs at 1x1, where BN of the check's 2 samples (2 values per
+              # channel) makes float64 rounding of a correct result exceed the check's 1e-8 (7e-8 measured)
+              "imagenet": {"batch": 2, "size": 64},
               "condensenet": {"batches": (1,), "size": 64},
               "sweep": {"batch": 2, "size": 8, "timed": True, "search": True,
                         "depths": {12: (4, 8, 16), 32: (4, 8, 16)}},
