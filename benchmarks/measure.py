@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
-import resource
 import statistics
 import time
 import traceback
@@ -218,13 +217,5 @@ def measure_to_pipe(kind: str, config: dict, connection) -> None:
         result = MEASUREMENTS[kind](config)
     except BaseException as error:  # report everything to the parent, which carries on with the next one
         result = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
-    result["process_cpu_s"] = _cpu_seconds()
     connection.send(result)
-
-
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process and its finished children (inductor's compile workers):
-    on a shared machine a better guide than wall time to how long a quiet machine would take."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return round(own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, 2)
     connection.close()

@@ -81,7 +81,7 @@ def comparison_table(group: list[dict]) -> tuple[list[str], list[list[str]]]:
     base_time = _median(baseline) if baseline else None
     compiled_time = _median(compiled_naive) if compiled_naive else None
     any_compiled = any("compile" in r["result"] for r in group)
-    headers = COMPARISON_HEADERS[:6] + (["time vs naive+compile", "compile: 1st step"] if any_compiled else []) + ["check"]
+    headers = COMPARISON_HEADERS + (COMPILE_HEADERS if any_compiled else []) + ["check"]
     rows = []
     for record in sorted(group, key=lambda r: ALL_IMPLEMENTATIONS.index(r["impl"])):
         peak, median = _peak(record), _median(record)
@@ -96,6 +96,7 @@ def comparison_table(group: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 COMPARISON_HEADERS = ["implementation", "peak MiB", "mem vs naive", "median ms", "min-max ms", "time vs naive"]
+COMPILE_HEADERS = ["time vs naive+compile", "compile: 1st step"]
 COMPILED_BASELINE = BASELINE + COMPILED
 
 
@@ -314,12 +315,10 @@ def write_json(path: Path, records: list[dict], machine: dict, options: dict, bu
 
 
 def cost_line(records: list[dict]) -> str:
-    """Wall and CPU seconds of the measuring processes per suite: what a run of this set costs here."""
-    wall, cpu = defaultdict(float), defaultdict(float)
+    """Wall seconds of the measuring processes per suite: what a run of this set costs here."""
+    wall = defaultdict(float)
     for record in records:
-        suite = record["suite"] + (" search" if record.get("search") else "")
-        wall[suite] += sum(record["result"].get("wall_s", {}).values())
-        cpu[suite] += sum(filter(None, record["result"].get("cpu_s", {}).values()))
-    return "measuring processes, wall / CPU seconds: " + ", ".join(
-        f"{suite} {wall[suite]:.0f} / {cpu[suite]:.0f}" for suite in wall) + \
-        f"; total {sum(wall.values()):.0f} / {sum(cpu.values()):.0f}"
+        wall[record["suite"] + (" search" if record.get("search") else "")] += sum(
+            record["result"].get("wall_s", {}).values())
+    return "wall seconds of the measuring processes: " + ", ".join(
+        f"{suite} {seconds:.0f}" for suite, seconds in wall.items()) + f"; total {sum(wall.values()):.0f}"

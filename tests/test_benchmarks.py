@@ -46,14 +46,15 @@ def test_benchmark_smoke_run_checks_every_implementation(tmp_path):
 
 def test_depth_search_measures_the_deepest_block_within_the_budget(tmp_path):
     budget_gib = 4 / 1024
+    impls = ("naive", "dense_ops/bottleneck")
     results = run_benchmarks(tmp_path, "--only", "depth", "--repeats", "1", "--budget-gib", str(budget_gib),
-                             "--impls", "naive", "dense_ops/bottleneck")
+                             "--impls", *impls)
     assert_measured_and_checked(results["records"])
     searched = [r for r in results["records"] if r.get("search")]
     assert searched and all("time_s" not in r["result"] for r in searched)  # memory only
     budget = budget_gib * 2**30
     found = results["memory_budget"]["measured"]
-    assert {(f["growth"], f["impl"]) for f in found} == {(k, i) for k in (12, 32) for i in ("naive", "dense_ops/bottleneck")}
+    assert {(f["growth"], f["impl"]) for f in found} == {(k, impl) for k in (12, 32) for impl in impls}
     for f in found:
         assert f["deepest_fitting_peak_bytes"] <= budget < f["shallowest_over_peak_bytes"]
         assert f["shallowest_over"] - f["deepest_fitting"] <= max(1, int(0.05 * f["deepest_fitting"]))
