@@ -100,9 +100,11 @@ def with_model_choices(official: nn.Module) -> nn.Module:
     run as dense block-diagonal convs (THIN_GROUP_INPUTS). A reference CondensedConv is not the
     fused op, so each layer still applies its own BN and ReLU after it.
     """
-    for module in official.modules():
-        if hasattr(module, "preallocate"):
-            module.preallocate = True
+    blocks = [module for module in official.modules() if hasattr(module, "preallocate")]
+    if not blocks:  # else this row would silently measure the official form again
+        raise RuntimeError("no CondenseNet block has a `preallocate` switch: dense_ops.models.condensenet changed")
+    for block in blocks:
+        block.preallocate = True
     return official
 
 
