@@ -12,8 +12,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import plots, report, runner
-from .suites import SUITES
+from . import depth_search, plots, report, runner
+from .suites import SIZES, SUITES
+from .workloads import ALL_IMPLEMENTATIONS, MEMORY_FORMATS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -21,27 +22,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="size", action="store_const", const="quick", default="quick",
-                      help="the default set: about 5 minutes on 2 quiet CPU cores")
+                      help="the default set: under 3 minutes on 2 quiet CPU cores once inductor's cache holds "
+                           "its compiled graphs (the first run compiles them: minutes more)")
     size.add_argument("--full", dest="size", action="store_const", const="full",
-                      help="issue 2's batch sizes, more repetitions, deeper sweeps, both formats everywhere")
+                      help="issue 2's batch sizes, every suite, format and compile row, deeper sweeps, the "
+                           "measured depth search: hours on 2 cores")
     size.add_argument("--smoke", dest="size", action="store_const", const="smoke",
                       help="tiny sizes, seconds per configuration: checks the machinery, figures mean little")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<machine-id>/)")
     parser.add_argument("--only", nargs="+", choices=sorted(SUITES), metavar="SUITE",
-                        help=f"run only these suites: {', '.join(SUITES)}")
-    parser.add_argument("--repeats", type=int, help="timed steps per configuration (default 10 full, else 3)")
+                        help=f"run only these suites: {', '.join(SUITES)} (default: every one, but --quick runs "
+                             f"{', '.join(SIZES['quick']['suites'])})")
+    parser.add_argument("--impls", nargs="+", choices=ALL_IMPLEMENTATIONS, metavar="IMPL",
+                        help=f"run only these implementations: {', '.join(ALL_IMPLEMENTATIONS)}")
+    parser.add_argument("--formats", nargs="+", choices=sorted(MEMORY_FORMATS), metavar="FORMAT",
+                        help="run only these memory formats: contiguous, channels_last")
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per configuration (default 10)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up steps besides the first one "
                                                    "(default 2 full, else 0)")
     parser.add_argument("--threads", type=int, default=runner.available_cores(),
                         help="torch threads (default: the cores available, %(default)s here)")
-    parser.add_argument("--budget-gib", type=float, default=2.0, help="memory budget of the depth search")
+    parser.add_argument("--budget-gib", type=float, help="memory budget of the depth search "
+                                                         "(default 2; 1/64 with --smoke)")
+    parser.add_argument("--depth-search", action=argparse.BooleanOptionalAction,
+                        help="search the deepest block within the budget by measurement (default: --full and "
+                             "--smoke; --quick reports only a quadratic fit, labelled as such)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration")
     args = parser.parse_args(argv)
-    full = args.size == "full"
-    args.repeats = args.repeats or (10 if full else 3)
-    args.warmup = args.warmup if args.warmup is not None else (2 if full else 0)
-    args.sweep_repeats = min(args.repeats, 3 if full else 1)  # the deepest blocks are slow to time
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.size == "full" else 0)
+    if args.budget_gib is None:
+        args.budget_gib = SIZES[args.size]["budget_gib"]
+    if args.depth_search is None:
+        args.depth_search = SIZES[args.size]["sweep"]["search"]
     for name in ("repeats", "threads", "budget_gib", "timeout"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -60,18 +73,21 @@ def main(argv: list[str] | None = None) -> int:
     machine = runner.machine_info(args.device, args.threads)
     out = args.out or runner.REPO_ROOT / "benchmarks" / "results" / runner.machine_id(machine)
     out.mkdir(parents=True, exist_ok=True)
-    configs = [config for name in (args.only or SUITES) for config in SUITES[name](args)]
+    configs = [config for name in (args.only or SIZES[args.size]["suites"]) for config in SUITES[name](args)]
     print(f"{len(configs)} configurations on {report.machine_line(machine)}", file=sys.stderr)
 
     records = runner.run_all(configs, args.timeout)
-
     budget = args.budget_gib * 2**30
+    if args.depth_search and any(r["suite"] == "depth" for r in records):
+        records += depth_search.run_searches(records, budget, args.timeout)
+
     options = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     report.write_json(out / "results.json", records, machine, options, budget)  # first: the raw figures
     tables = report.sections(records, budget)
-    report.print_tables(tables)
+    report.print_tables(tables, machine)
     command = "python -m benchmarks " + shlex.join(argv if argv is not None else sys.argv[1:])
     report.write_markdown(out / "results.md", tables, machine, command.strip())
+    print(f"\n{report.cost_line(records)}", file=sys.stderr)
     written = plots.write_plots(out, records, budget)
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and {len(written)} plots to {out}")
     failed = [r for r in records if "error" in r["result"]]

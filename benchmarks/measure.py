@@ -4,7 +4,8 @@ one for time, each starting from the same clean fork-server state.
 Memory process: build the model and batch, then
 1. a correctness check of outputs and gradients against the naive implementation with the
    same weights, in float64, on the first CHECK_BATCH samples of the batch (see compare_with_naive);
-2. 1 + `warmup` warm-up steps;
+2. 1 + `warmup` warm-up steps; the first one compiles a `+compile` model, and its wall time is
+   reported as the compile time (with the graphs, graph breaks and inductor cache hits);
 3. peak memory of one step above the process's baseline:
    CPU: the kernel's resident high-water mark (VmHWM) is reset by writing "5" to
    /proc/self/clear_refs, the baseline is VmRSS just before the step; glibc is told from
@@ -15,11 +16,13 @@ Memory process: build the model and batch, then
 Time process, with the allocator as users have it (the settings above make every large
 allocation a fresh mmap, which slows steps down, the more the more an implementation
 allocates): 1 + `warmup` warm-up steps, then `repeats` timed steps (CUDA: events + synchronize).
+A configuration with "timed": False (the depth search) runs only the memory process.
 """
 from __future__ import annotations
 
 import ctypes
 import gc
+import logging
 import statistics
 import time
 import traceback
@@ -135,6 +138,37 @@ def compare_with_naive(workload: Workload) -> dict:
     return {"max_rel_error": error, "worst_tensor": worst, "tensors": len(exact), "passed": error <= CHECK_TOLERANCE}
 
 
+def compile_stats() -> dict:
+    """What torch.compile did in this process since the counters were last cleared."""
+    from torch._dynamo.utils import counters
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "graph_break_reasons": sorted(counters["graph_break"]),
+            "inductor_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
+            "inductor_cache_misses": counters["inductor"]["fxgraph_cache_miss"]}
+
+
+def forget_compilations() -> None:
+    """Makes the next compilation in this process behave as the first one of a fresh process.
+
+    Without it, dynamo would take the float64 batch of the correctness check for an earlier call
+    of the same code with other shapes and compile the measured model with a dynamic batch size,
+    which a user's process, compiling once, does not.
+    """
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def warm_up(workload: Workload, warmup: int, device: torch.device) -> dict:
+    """1 + `warmup` untimed steps: lazy initialisation, optimizer state, allocator pools and, for a
+    compiled model, the compilation. Returns the first step's wall time and the compile statistics."""
+    first = Timed(workload.step, device)
+    first()
+    for _ in range(warmup):
+        workload.step()
+    return {"first_step_s": first.samples[0], **({"compile": compile_stats()} if workload.compiled else {})}
+
+
 def measure_memory(config: dict) -> dict:
     """Correctness check and peak memory of one configuration (run it in a fresh process)."""
     device = torch.device(config["device"])
@@ -144,10 +178,13 @@ def measure_memory(config: dict) -> dict:
     check = compare_with_naive(workload) if config.get("check", True) and config["impl"] != BASELINE else None
     if check is not None and not check["passed"]:
         return {"check": check, "error": "correctness check against naive failed"}
-    for _ in range(1 + config["warmup"]):  # lazy initialisation, optimizer state, allocator pools
-        workload.step()
+    if workload.compiled:
+        forget_compilations()
+    warm = warm_up(workload, config["warmup"], device)
     peak = cuda_peak_bytes(workload.step, device) if device.type == "cuda" else cpu_peak_bytes(workload.step)
-    return {"peak_bytes": peak, "check": check}
+    if workload.compiled:
+        warm["compile"]["graphs_after_measured_step"] = compile_stats()["graphs"]  # a recompile shows here
+    return {"peak_bytes": peak, "check": check, **warm}
 
 
 def measure_time(config: dict) -> dict:
@@ -155,14 +192,16 @@ def measure_time(config: dict) -> dict:
     device = torch.device(config["device"])
     torch.set_num_threads(config["threads"])
     workload = Workload(config, device)
-    for _ in range(1 + config["warmup"]):
-        workload.step()
+    warm = warm_up(workload, config["warmup"], device)
     timed_step = Timed(workload.step, device)
     for _ in range(config["repeats"]):
         timed_step()
     samples = timed_step.samples
-    return {"time_s": {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
-                       "samples": samples}}
+    times = {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples,
+             "first_step": warm["first_step_s"]}
+    if workload.compiled:
+        times["compile"] = dict(warm["compile"], graphs_after_timed_steps=compile_stats()["graphs"])
+    return {"time_s": times}
 
 
 MEASUREMENTS = {"memory": measure_memory, "time": measure_time}
@@ -170,6 +209,10 @@ MEASUREMENTS = {"memory": measure_memory, "time": measure_time}
 
 def measure_to_pipe(kind: str, config: dict, connection) -> None:
     """Process entry point: sends MEASUREMENTS[kind]'s result, or the error, back through `connection`."""
+    # inductor's C++ builder logs "No CUDA runtime is found" in every compiling process of a CPU-only
+    # machine, through the progress bar; it says nothing about the CPU measurement
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    gc.freeze()  # the fork server's imports are never garbage: each gc.collect() would walk them again (0.3 s)
     try:
         result = MEASUREMENTS[kind](config)
     except BaseException as error:  # report everything to the parent, which carries on with the next one

@@ -4,11 +4,11 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from .report import MIB, _groups, _median, _peak
+from .report import MIB, _groups, _median, _peak, size_text
 from .workloads import ALL_IMPLEMENTATIONS
 
-COLORS = dict(zip(ALL_IMPLEMENTATIONS,
-                  ("tab:red", "tab:orange", "tab:blue", "tab:green", "tab:purple", "tab:cyan")))
+COLORS = dict(zip(ALL_IMPLEMENTATIONS, ("tab:red", "tab:pink", "tab:orange", "tab:blue", "tab:cyan", "tab:green",
+                                        "tab:olive", "tab:brown", "tab:purple", "tab:gray")))
 
 
 def _pyplot():
@@ -37,7 +37,7 @@ def _plot_sweep(path: Path, series, ylabel: str, scale: float, budget: float | N
                 depths, values = zip(*series[growth][impl])
                 axis.plot(depths, [v / scale for v in values], "o-", color=COLORS[impl], label=impl)
         if budget is not None and budget <= 1.5 * largest:  # else the line would flatten the curves
-            axis.axhline(budget / scale, color="gray", linestyle="--", label=f"budget {budget / 2**30:g} GiB")
+            axis.axhline(budget / scale, color="gray", linestyle="--", label=f"budget {size_text(budget)}")
         axis.set_title(f"one dense block, growth rate k={growth}")
         axis.set_xlabel("layers L")
         axis.set_ylabel(ylabel)

@@ -6,11 +6,13 @@ clean heap without paying the import time again.
 """
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import platform
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -20,21 +22,35 @@ from .progress import progress_bar
 from .workloads import describe
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PRELOAD = ["torch", "torchvision.models.densenet", "dense_ops", "benchmarks.measure"]
+# torch._inductor.compile_fx: the `+compile` rows' processes then need not import inductor each
+# (seconds on 2 cores). Importing it starts no thread or worker: inductor starts its compile workers
+# (subprocesses, not multiprocessing children) in the process that compiles, when it compiles.
+PRELOAD = ["torch", "torchvision.models.densenet", "dense_ops", "benchmarks.measure", "torch._inductor.compile_fx"]
 
 
-def _fork_server():
+@functools.cache
+def fork_server():
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
     return context
 
 
-def run_one(context, config: dict, timeout_s: float) -> dict:
-    """Correctness and memory in one fresh process, then time in another (see benchmarks.measure)."""
-    result = _run_in_process(context, "memory", config, timeout_s)
-    if "error" not in result:
-        result.update(_run_in_process(context, "time", config, timeout_s))
+def run_one(config: dict, timeout_s: float) -> dict:
+    """Correctness and memory in one fresh process, then time in another (see benchmarks.measure);
+    only the first for a configuration with "timed": False."""
+    wall_s = {}  # what each process cost, its start included: for estimating a run's duration
+    result, wall_s["memory"] = _timed_run("memory", config, timeout_s)
+    if "error" not in result and config.get("timed", True):
+        timing, wall_s["time"] = _timed_run("time", config, timeout_s)
+        result.update(timing)
+    result["wall_s"] = wall_s
     return result
+
+
+def _timed_run(kind: str, config: dict, timeout_s: float) -> tuple[dict, float]:
+    started = time.perf_counter()
+    result = _run_in_process(fork_server(), kind, config, timeout_s)
+    return result, round(time.perf_counter() - started, 2)
 
 
 def _run_in_process(context, kind: str, config: dict, timeout_s: float) -> dict:
@@ -57,13 +73,12 @@ def _run_in_process(context, kind: str, config: dict, timeout_s: float) -> dict:
 
 def run_all(configs: list[dict], timeout_s: float) -> list[dict]:
     """[config + {"result": ...}] for every configuration, in order."""
-    context = _fork_server()
     bar = progress_bar(len(configs))
     records = []
     try:
         for config in configs:
             bar.set_description(f"{config['suite']}: {config['impl']} {config['memory_format']}")
-            result = run_one(context, config, timeout_s)
+            result = run_one(config, timeout_s)
             if "error" in result:
                 bar.write(f"FAILED {config['suite']} {describe(config)} {config['impl']} "
                           f"{config['memory_format']}: {result['error']}")

@@ -3,63 +3,101 @@ from __future__ import annotations
 
 from itertools import product
 
-from .workloads import CONDENSENET_IMPLEMENTATIONS, IMPLEMENTATIONS, MEMORY_FORMATS
+from .workloads import (COMPILED_IMPLEMENTATIONS, CONDENSENET_IMPLEMENTATIONS, IMPLEMENTATIONS, MEMORY_FORMATS,
+                        split_compiled)
 
 # Sizes per set. "full" uses issue 2's sizes: one dense block with L=24, C0=32, k=12,
-# bn_size=4 at N=32, 32x32, and DenseNet-BC-100 (k=12) at N=64, 32x32. "quick" keeps the
-# layers and maps but runs a quarter of the batch (memory and time both scale with N, so
-# the ratios to naive hold) to stay within about 5 minutes on 2 quiet CPU cores. "smoke"
-# is tiny: seconds per configuration, for checking the benchmark machinery only.
-# The depth sweep runs blocks at the 8x8 resolution of a CIFAR DenseNet's last block, C0 = 2k.
+# bn_size=4 at N=32, 32x32, DenseNet-BC-100 (k=12) at N=64, 32x32, and issue 14's densenet121
+# layout at 224x224, N=8, every suite, format and torch.compile row. "quick" is the default set and
+# must stay under 3 minutes on 2 quiet CPU cores with 10 timed steps per row: it keeps the layers and
+# maps but runs smaller batches (memory and time both scale with N, so the ratios to naive hold), the
+# suites of issue 14's targets only (block, DenseNet-BC-100, CondenseNet, the depth sweep's memory)
+# and one compile row, torch.compile(naive), whose float64 check (a second compilation) it skips:
+# the warm dynamo trace alone of a compiled naive DenseNet-BC-100 costs some 15 s per process.
+# "smoke" is tiny: seconds per configuration, for checking the benchmark machinery only.
+# "training": the rows of each training suite. The depth sweep runs blocks at the 8x8 resolution
+# of a CIFAR DenseNet's last block, C0 = 2k; "timed": whether its rows are timed too (else memory
+# only); "search": whether the deepest block within the memory budget is searched for by measurement
+# (else only the quadratic fit, labelled so).
+EVERY_TRAINING_ROW = IMPLEMENTATIONS + COMPILED_IMPLEMENTATIONS
 SIZES = {
-    "full": {"block": {"num_layers": 24, "c0": 32, "growth": 12, "bn_size": 4, "batch": 32, "size": 32},
+    "full": {"suites": ("block", "densenet_bc100", "densenet121", "depth", "inference", "condensenet"),
+             "block": {"num_layers": 24, "c0": 32, "growth": 12, "bn_size": 4, "batch": 32, "size": 32},
              "cifar": {"depth": 100, "growth": 12, "batch": 64, "size": 32},
-             "imagenet": {"batch": 16, "size": 128},
+             "imagenet": {"batch": 8, "size": 224},
              "condensenet": {"batches": (1, 32), "size": 224},
-             "sweep": {"batch": 8, "size": 8, "depths": {12: (16, 32, 64, 128, 192, 256),
-                                                          32: (16, 32, 64, 128, 192, 256)}}},
-    "quick": {"block": {"num_layers": 24, "c0": 32, "growth": 12, "bn_size": 4, "batch": 8, "size": 32},
-              "cifar": {"depth": 100, "growth": 12, "batch": 16, "size": 32},
-              "imagenet": {"batch": 8, "size": 64},
-              "condensenet": {"batches": (1, 8), "size": 224},
-              "sweep": {"batch": 8, "size": 8, "depths": {12: (16, 32, 64, 128), 32: (16, 32, 64)}}},
-    "smoke": {"block": {"num_layers": 6, "c0": 16, "growth": 8, "bn_size": 4, "batch": 4, "size": 16},
+             "sweep": {"batch": 8, "size": 8, "timed": True, "search": True,
+                       "depths": {12: (16, 32, 64, 128, 192, 256), 32: (16, 32, 64, 128, 192, 256)}},
+             "training": {"block": EVERY_TRAINING_ROW, "densenet_bc100": EVERY_TRAINING_ROW,
+                          "densenet121": EVERY_TRAINING_ROW},
+             "check_compiled": True, "budget_gib": 2.0},
+    "quick": {"suites": ("block", "densenet_bc100", "depth", "condensenet"),
+              "block": {"num_layers": 24, "c0": 32, "growth": 12, "bn_size": 4, "batch": 4, "size": 32},
+              "cifar": {"depth": 100, "growth": 12, "batch": 8, "size": 32},
+              "imagenet": {"batch": 4, "size": 64},
+              "condensenet": {"batches": (1,), "size": 224},
+              "sweep": {"batch": 8, "size": 8, "timed": False, "search": False, "depths": {12: (16, 32, 64)}},
+              "training": {"block": IMPLEMENTATIONS + ("naive+compile",),
+                           "densenet_bc100": ("naive", "naive+compile", "dense_ops/bn_relu", "dense_ops/bottleneck"),
+                           "densenet121": IMPLEMENTATIONS},
+              "check_compiled": False, "budget_gib": 2.0},
+    "smoke": {"suites": ("block", "densenet_bc100", "densenet121", "depth", "inference", "condensenet"),
+              "block": {"num_layers": 6, "c0": 16, "growth": 8, "bn_size": 4, "batch": 4, "size": 16},
               "cifar": {"depth": 40, "growth": 12, "batch": 4, "size": 32},
-              "imagenet": {"batch": 2, "size": 32},
+              # 64x64: at 32x32 the last block runs at 1x1, where BN of the check's 2 samples (2 values per
+              # channel) makes float64 rounding of a correct result exceed the check's 1e-8 (7e-8 measured)
+              "imagenet": {"batch": 2, "size": 64},
               "condensenet": {"batches": (1,), "size": 64},
-              "sweep": {"batch": 2, "size": 8, "depths": {12: (4, 8, 16), 32: (4, 8, 16)}}},
+              "sweep": {"batch": 2, "size": 8, "timed": True, "search": True,
+                        "depths": {12: (4, 8, 16), 32: (4, 8, 16)}},
+              "training": {"block": IMPLEMENTATIONS + COMPILED_IMPLEMENTATIONS[:2], "densenet_bc100": IMPLEMENTATIONS,
+                           "densenet121": IMPLEMENTATIONS},
+              "check_compiled": True, "budget_gib": 1 / 64},
 }
 INFERENCE_IMPLEMENTATIONS = ("naive", "dense_ops/bn_relu")  # recompute levels only differ in training
 
 
 def _configs(suite: str, workload: str, shapes, impls, formats, mode: str, options) -> list[dict]:
-    return [{"suite": suite, "workload": workload, "shape": shape, "impl": impl, "memory_format": memory_format,
-             "mode": mode, "device": options.device, "threads": options.threads, "warmup": options.warmup,
-             "repeats": options.repeats, "check": True}
+    impls = [impl for impl in impls if not options.impls or impl in options.impls]
+    formats = [fmt for fmt in formats if not options.formats or fmt in options.formats]
+    return [_with_check({"suite": suite, "workload": workload, "shape": shape, "impl": impl,
+                         "memory_format": memory_format, "mode": mode, "device": options.device,
+                         "threads": options.threads, "warmup": options.warmup, "repeats": options.repeats}, options)
             for shape, memory_format, impl in product(shapes, formats, impls)]
 
 
+def _with_check(config: dict, options) -> dict:
+    """Every row is checked against naive in float64, but compiled rows in --quick: there the check
+    would compile a second (float64) model, which costs as much again as the row itself."""
+    if split_compiled(config["impl"])[1] and not SIZES[options.size]["check_compiled"]:
+        return dict(config, check=False, unchecked_because=f"--{options.size} skips the float64 check of compiled "
+                                                           "rows; --smoke and --full run it")
+    return dict(config, check=True)
+
+
 def _formats(options) -> list[str]:
-    """Whole networks: contiguous only except in the full set (the block suite covers both formats)."""
+    """Networks and inference: contiguous only except in the full set (the block suite covers both formats)."""
     return list(MEMORY_FORMATS) if options.size == "full" else ["contiguous"]
 
 
 def block(options) -> list[dict]:
-    return _configs("block", "block", [SIZES[options.size]["block"]], IMPLEMENTATIONS, MEMORY_FORMATS, "train", options)
+    return _configs("block", "block", [SIZES[options.size]["block"]], SIZES[options.size]["training"]["block"],
+                    MEMORY_FORMATS, "train", options)
 
 
 def densenet_bc100(options) -> list[dict]:
-    return _configs("densenet_bc100", "densenet_cifar", [SIZES[options.size]["cifar"]], IMPLEMENTATIONS, _formats(options),
-                    "train", options)
+    return _configs("densenet_bc100", "densenet_cifar", [SIZES[options.size]["cifar"]],
+                    SIZES[options.size]["training"]["densenet_bc100"], _formats(options), "train", options)
 
 
 def densenet121(options) -> list[dict]:
-    return _configs("densenet121", "densenet121", [SIZES[options.size]["imagenet"]], IMPLEMENTATIONS,
-                    _formats(options), "train", options)
+    return _configs("densenet121", "densenet121", [SIZES[options.size]["imagenet"]],
+                    SIZES[options.size]["training"]["densenet121"], _formats(options), "train", options)
 
 
 def depth(options) -> list[dict]:
-    """Dense blocks of growing depth (contiguous format): memory and time against L."""
+    """Dense blocks of growing depth (contiguous format): memory (and in some sets time) against L.
+    The budget search (benchmarks.depth_search) starts from these."""
     configs = []
     sweep = SIZES[options.size]["sweep"]
     for growth, depths in sweep["depths"].items():
@@ -67,14 +105,15 @@ def depth(options) -> list[dict]:
                    "size": sweep["size"]} for layers in depths]
         for config in _configs("depth", "block", shapes, IMPLEMENTATIONS, ["contiguous"], "train", options):
             # one correctness check per implementation and growth rate (the block suite checks the rest)
-            config["check"] = config["shape"]["num_layers"] == depths[0]
-            config["repeats"] = options.sweep_repeats
+            if config["shape"]["num_layers"] != depths[0]:
+                config.update(check=False, unchecked_because=f"checked at L={depths[0]}")
+            config["timed"] = sweep["timed"]
             configs.append(config)
     return configs
 
 
 def inference(options) -> list[dict]:
-    return (_configs("inference", "block", [SIZES[options.size]["block"]], INFERENCE_IMPLEMENTATIONS, MEMORY_FORMATS,
+    return (_configs("inference", "block", [SIZES[options.size]["block"]], INFERENCE_IMPLEMENTATIONS, _formats(options),
                      "eval", options)
             + _configs("inference", "densenet_cifar", [SIZES[options.size]["cifar"]], INFERENCE_IMPLEMENTATIONS,
                        _formats(options), "eval", options))

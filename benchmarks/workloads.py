@@ -12,13 +12,25 @@ import torch.nn.functional as F
 from torch import nn
 
 IMPLEMENTATIONS = ("naive", "checkpoint", "dense_ops/bn_relu", "dense_ops/bottleneck")
+# An implementation name ending in COMPILED is that model under torch.compile, default mode (inductor).
+COMPILED = "+compile"
+COMPILED_IMPLEMENTATIONS = ("naive+compile", "dense_ops/bn_relu+compile", "dense_ops/bottleneck+compile")
 # Converted CondenseNet inference: "naive" is the official code's converted form (index_select,
-# BN, ReLU, grouped conv, shuffle, torch.cat per layer), "masked" the training-time model with
-# its masked dense 1x1 convs, "dense_ops/fused" our CondensedConv op and preallocated buffers.
-CONDENSENET_IMPLEMENTATIONS = ("naive", "masked", "dense_ops/fused")
-ALL_IMPLEMENTATIONS = IMPLEMENTATIONS + CONDENSENET_IMPLEMENTATIONS[1:]  # display order
+# BN, ReLU, grouped conv, shuffle, torch.cat per layer); "naive+model_choices" the same layer ops
+# inside dense_ops' model-level choices (preallocated block buffers that the 2x2 transition pools
+# write into, thin-group 3x3 convs as dense block-diagonal ones), so that it differs from
+# "dense_ops/fused" (our CondensedConv op and those choices) only by the op; "masked" the
+# training-time model with its masked dense 1x1 convs.
+CONDENSENET_IMPLEMENTATIONS = ("naive", "naive+model_choices", "masked", "dense_ops/fused")
+ALL_IMPLEMENTATIONS = ("naive", "naive+compile", "checkpoint", "dense_ops/bn_relu", "dense_ops/bn_relu+compile",
+                       "dense_ops/bottleneck", "dense_ops/bottleneck+compile") + CONDENSENET_IMPLEMENTATIONS[1:]
 BASELINE = "naive"
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def split_compiled(impl: str) -> tuple[str, bool]:
+    """'naive+compile' -> ('naive', True); 'naive' -> ('naive', False)."""
+    return impl.removesuffix(COMPILED), impl.endswith(COMPILED)
 
 
 def block_type_and_recompute(impl: str) -> tuple[str, str]:
@@ -71,7 +83,29 @@ def _condensenet74(impl: str, shape: dict) -> nn.Module:
     if impl == "masked":
         return model
     fused = dense_ops.condense(model.eval(), prune_classifier=False)
-    return fused if impl == "dense_ops/fused" else dense_ops.reference.unfused_condensenet(fused)
+    if impl == "dense_ops/fused":
+        return fused
+    official = dense_ops.reference.unfused_condensenet(fused)
+    return official if impl == "naive" else with_model_choices(official)
+
+
+def with_model_choices(official: nn.Module) -> nn.Module:
+    """The official converted form with dense_ops' model-level inference choices turned back on.
+
+    unfused_condensenet swaps every fused CondensedConv for the official index_select / BN / ReLU /
+    grouped conv / shuffle modules and turns each block's `preallocate` off. With `preallocate` on
+    again, dense_ops.models.condensenet runs the same modules with its own model-level choices:
+    every block writes into one preallocated buffer (no torch.cat), the 2x2 transition pool
+    writes straight into the next block's buffer (average_pool_2x2_into) and thin-group 3x3 convs
+    run as dense block-diagonal convs (THIN_GROUP_INPUTS). A reference CondensedConv is not the
+    fused op, so each layer still applies its own BN and ReLU after it.
+    """
+    blocks = [module for module in official.modules() if hasattr(module, "preallocate")]
+    if not blocks:  # else this row would silently measure the official form again
+        raise RuntimeError("no CondenseNet block has a `preallocate` switch: dense_ops.models.condensenet changed")
+    for block in blocks:
+        block.preallocate = True
+    return official
 
 
 # workload name -> (model builder, does the model classify (else: it returns a feature map),
@@ -105,9 +139,14 @@ class Workload:
         self.device = device
         self.memory_format = MEMORY_FORMATS[config["memory_format"]]
         self.training = config["mode"] == "train"
+        impl, self.compiled = split_compiled(config["impl"])
         torch.manual_seed(seed)
-        self.model = builder(config["impl"], config["shape"]).to(device, dtype, memory_format=self.memory_format)
+        self.model = builder(impl, config["shape"]).to(device, dtype, memory_format=self.memory_format)
         self.model.train(self.training)
+        if self.compiled:
+            # In place (nn.Module.compile), so parameter and state-dict names stay those of the eager
+            # model; default mode, backend inductor. Compilation happens in the first call.
+            self.model.compile()
         self.input, self.target = self._make_batch(seed, dtype)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9) if self.training else None
 

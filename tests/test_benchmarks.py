@@ -5,25 +5,72 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+EAGER_TRAINING = ("naive", "checkpoint", "dense_ops/bn_relu", "dense_ops/bottleneck")
+CONDENSENET = ("naive", "naive+model_choices", "masked", "dense_ops/fused")
 
 
-def test_benchmark_smoke_run_checks_every_implementation(tmp_path):
-    command = [sys.executable, "-m", "benchmarks", "--smoke", "--only", "block", "condensenet",
-               "--repeats", "1", "--threads", "1", "--out", str(tmp_path)]
+def run_benchmarks(out: Path, *options: str) -> dict:
+    command = [sys.executable, "-m", "benchmarks", "--smoke", "--threads", "1", "--out", str(out), *options]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    results = json.loads((tmp_path / "results.json").read_text())
-    records = results["records"]
-    by_suite = {(r["suite"], r["impl"], r["memory_format"]) for r in records}
-    assert {("block", impl, fmt) for impl in ("naive", "checkpoint", "dense_ops/bn_relu", "dense_ops/bottleneck")
-            for fmt in ("contiguous", "channels_last")} <= by_suite
-    assert {("condensenet", impl, "contiguous") for impl in ("naive", "masked", "dense_ops/fused")} <= by_suite
+    return json.loads((out / "results.json").read_text())
+
+
+def assert_measured_and_checked(records: list[dict]) -> None:
     for record in records:
         result = record["result"]
         assert "error" not in result, result
-        assert result["peak_bytes"] > 0 and result["time_s"]["median"] > 0
-        if record["impl"] != "naive":
+        assert result["peak_bytes"] > 0
+        if record.get("timed", True):
+            assert result["time_s"]["median"] > 0 and len(result["time_s"]["samples"]) == record["repeats"]
+        if record["impl"] != "naive" and record["check"]:
             assert result["check"]["passed"], result["check"]
-    assert (tmp_path / "results.md").read_text().count("|") > 10
+
+
+def test_benchmark_smoke_run_checks_every_implementation(tmp_path):
+    results = run_benchmarks(tmp_path, "--only", "block", "condensenet", "--repeats", "1",
+                             "--impls", *EAGER_TRAINING, *CONDENSENET[1:])
+    records = results["records"]
+    by_suite = {(r["suite"], r["impl"], r["memory_format"]) for r in records}
+    assert {("block", impl, fmt) for impl in EAGER_TRAINING for fmt in ("contiguous", "channels_last")} <= by_suite
+    assert {("condensenet", impl, "contiguous") for impl in CONDENSENET} <= by_suite
+    assert_measured_and_checked(records)
+    markdown = (tmp_path / "results.md").read_text()
+    assert markdown.count("|") > 10
+    assert markdown.count(results["machine"]["git_commit"][:12]) == markdown.count("\n## ") + 1  # every table
     assert (tmp_path / "bars_block_block.png").stat().st_size > 0
+
+
+def test_depth_search_measures_the_deepest_block_within_the_budget(tmp_path):
+    budget_gib = 4 / 1024
+    impls = ("naive", "dense_ops/bottleneck")
+    results = run_benchmarks(tmp_path, "--only", "depth", "--repeats", "1", "--budget-gib", str(budget_gib),
+                             "--impls", *impls)
+    assert_measured_and_checked(results["records"])
+    searched = [r for r in results["records"] if r.get("search")]
+    assert searched and all("time_s" not in r["result"] for r in searched)  # memory only
+    budget = budget_gib * 2**30
+    found = results["memory_budget"]["measured"]
+    assert {(f["growth"], f["impl"]) for f in found} == {(k, impl) for k in (12, 32) for impl in impls}
+    for f in found:
+        assert f["deepest_fitting_peak_bytes"] <= budget < f["shallowest_over_peak_bytes"]
+        assert f["shallowest_over"] - f["deepest_fitting"] <= max(1, int(0.05 * f["deepest_fitting"]))
+    assert "measured" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow  # inductor compiles two small blocks twice each (float64 check, float32): minutes on 2 cores
+def test_compiled_rows_are_checked_and_state_their_compile_time(tmp_path):
+    results = run_benchmarks(tmp_path, "--only", "block", "--formats", "contiguous", "--repeats", "2",
+                             "--impls", "naive", "naive+compile", "dense_ops/bn_relu+compile")
+    records = results["records"]
+    assert {r["impl"] for r in records} == {"naive", "naive+compile", "dense_ops/bn_relu+compile"}
+    assert_measured_and_checked(records)
+    for record in records:
+        if record["impl"].endswith("+compile"):
+            compiled = record["result"]["compile"]
+            assert compiled["graphs"] >= 1 and compiled["graphs_after_measured_step"] == compiled["graphs"]
+            assert record["result"]["first_step_s"] > record["result"]["time_s"]["median"]  # the compilation
+    assert "compile: 1st step" in (tmp_path / "results.md").read_text()
