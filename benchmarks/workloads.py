@@ -17,8 +17,8 @@ COMPILED = "+compile"
 COMPILED_IMPLEMENTATIONS = ("naive+compile", "dense_ops/bn_relu+compile", "dense_ops/bottleneck+compile")
 # Converted CondenseNet inference: "naive" is the official code's converted form (index_select,
 # BN, ReLU, grouped conv, shuffle, torch.cat per layer); "naive+model_choices" the same layer ops
-# inside dense_ops' model-level choices (preallocated block buffers that the 2x2 transition pools
-# write into, thin-group 3x3 convs as dense block-diagonal ones), so that it differs from
+# inside dense_ops' model-level choices (preallocated block buffers, 2x2 pools as strided adds,
+# thin-group 3x3 convs as dense block-diagonal ones), so that it differs from
 # "dense_ops/fused" (our CondensedConv op and those choices) only by the op; "masked" the
 # training-time model with its masked dense 1x1 convs.
 CONDENSENET_IMPLEMENTATIONS = ("naive", "naive+model_choices", "masked", "dense_ops/fused")
@@ -93,18 +93,24 @@ def with_model_choices(official: nn.Module) -> nn.Module:
     """The official converted form with dense_ops' model-level inference choices turned back on.
 
     unfused_condensenet swaps every fused CondensedConv for the official index_select / BN / ReLU /
-    grouped conv / shuffle modules and turns each block's `preallocate` off. With `preallocate` on
-    again, dense_ops.models.condensenet runs the same modules with its own model-level choices:
-    every block writes into one preallocated buffer (no torch.cat), the 2x2 transition pool
-    writes straight into the next block's buffer (average_pool_2x2_into) and thin-group 3x3 convs
-    run as dense block-diagonal convs (THIN_GROUP_INPUTS). A reference CondensedConv is not the
-    fused op, so each layer still applies its own BN and ReLU after it.
+    grouped conv / shuffle modules, every 2x2 pool for ATen's and turns each block's `preallocate`
+    off. Here the pools are dense_ops' again (AvgPool2x2: strided adds) and, with `preallocate` on,
+    dense_ops.models.condensenet runs the same layer modules with its own model-level choices:
+    every block writes into one preallocated buffer (no torch.cat) and thin-group 3x3 convs run
+    as dense block-diagonal convs (THIN_GROUP_INPUTS). A reference CondensedConv is not the fused
+    op, so each layer still applies its own BN and ReLU after it.
     """
+    import dense_ops
+
     blocks = [module for module in official.modules() if hasattr(module, "preallocate")]
     if not blocks:  # else this row would silently measure the official form again
         raise RuntimeError("no CondenseNet block has a `preallocate` switch: dense_ops.models.condensenet changed")
     for block in blocks:
         block.preallocate = True
+    for name, module in list(official.named_modules()):
+        if type(module) is nn.AvgPool2d and module.kernel_size == 2 and module.stride == 2:
+            parent, _, child = name.rpartition(".")
+            setattr(official.get_submodule(parent), child, dense_ops.models.condensenet.AvgPool2x2())
     return official
 
 
