@@ -10,6 +10,7 @@
 #include <set>
 #include <thread>
 
+#include "cpu/isa.h"
 #include "dense_block.h"
 #include "dtypes.h"
 
@@ -89,6 +90,7 @@ py::dict build_info() {
   info["torch_version"] = DENSE_OPS_TORCH_VERSION;
   info["parallel_backend"] = kParallelBackend;
   info["parallel_kernels"] = kParallelKernels;
+  info["cpu_kernel_isa"] = dense_ops::cpu_kernel_isa();
 #ifdef DENSE_OPS_WITH_CUDA
   info["cuda"] = true;
   info["cuda_version"] = std::to_string(CUDA_VERSION / 1000) + "." + std::to_string(CUDA_VERSION / 10 % 100);

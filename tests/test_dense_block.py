@@ -261,7 +261,8 @@ def test_nan_propagates_like_naive():
 
 def test_build_info():
     info = dense_ops.build_info()
-    assert set(info) == {"torch_version", "cuda", "cuda_version", "cuda_archs", "parallel_backend", "parallel_kernels"}
+    assert set(info) == {"torch_version", "cuda", "cuda_version", "cuda_archs", "parallel_backend", "parallel_kernels",
+                         "cpu_kernel_isa"}
     assert info["torch_version"] == torch.__version__.split("+")[0]
     # "cuda" says whether the CUDA kernels were compiled in: exactly when the ops have CUDA kernels.
     for op in ("dense_block_forward", "dense_block_backward", "condensed_conv"):

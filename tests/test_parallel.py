@@ -1,5 +1,9 @@
 """The CPU kernels run in parallel, and their results do not depend on the thread count."""
+import os
+import platform
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -56,3 +60,30 @@ def test_results_are_bitwise_identical_for_any_thread_count(recompute, channels_
                     # count; everything else here is ours: BN kernels and the 1x1 conv GEMMs.
                     continue
                 assert torch.equal(got[part][name], results[0][part][name]), name
+
+
+def test_cpu_kernel_isa_follows_torchs_capability():
+    # GCC builds on x86-64 carry an AVX2+FMA copy of the kernels, run where torch runs its own
+    # AVX2 (or AVX-512) kernels; ATEN_CPU_CAPABILITY=default selects the baseline copy for both.
+    avx2_built = platform.machine() == "x86_64" and sys.platform == "linux"
+    capability = torch.backends.cpu.get_cpu_capability()
+    expected = "avx2" if avx2_built and capability in ("AVX2", "AVX512") else "baseline"
+    assert dense_ops.build_info()["cpu_kernel_isa"] == expected
+
+
+@pytest.mark.slow
+def test_baseline_isa_kernels_pass_the_reference_tests():
+    if dense_ops.build_info()["cpu_kernel_isa"] == "baseline":
+        pytest.skip("this process already runs the baseline kernels: every other test covers them")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    selected = ["test_dense_block.py::test_matches_naive_float64", "test_dense_block.py::test_nan_propagates_like_naive",
+                "test_dense_block.py::test_low_precision_training_step_as_accurate_as_naive",
+                "test_condense.py::test_condensed_conv_matches_reference",
+                "test_parallel.py::test_results_are_bitwise_identical_for_any_thread_count",
+                "test_parallel.py::test_cpu_kernel_isa_follows_torchs_capability"]
+    package_root = os.path.dirname(os.path.dirname(dense_ops.__file__))  # the same build as this process
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default",
+               PYTHONPATH=os.pathsep.join([tests_dir, package_root, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not cuda"] + selected,
+                          cwd=tests_dir, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

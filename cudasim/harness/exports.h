@@ -5,7 +5,7 @@
 
 namespace dense_ops {
 const BnKernels& sim_bn_kernels();  // csrc/cuda/bn_kernels.cu run by cudasim
-const BnKernels& cpu_bn_kernels();  // csrc/cpu/bn_kernels.cpp
+const BnKernels& cpu_bn_kernels();  // csrc/cpu/bn_kernels_impl.h, baseline ISA
 
 using OptT = std::optional<at::Tensor>;
 at::Tensor sim_condensed_conv(const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,

@@ -1,0 +1,404 @@
+// CPU batch-norm kernels of the dense block: own loops parallelized with at::parallel_for, the
+// arithmetic from common/bn_math.h. Built once per ISA (cpu/isa.h); bn_kernels.cpp registers them.
+#pragma once
+
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/bn_math.h"
+#include "cpu/static_flags.h"
+#include "dense_block.h"
+#include "cpu/isa_target.h"  // last: it sets the ISA of the code below
+
+DENSE_OPS_ISA_BEGIN
+namespace dense_ops {
+namespace DENSE_OPS_ISA {
+namespace {
+
+// Element (n, c, s) of a [N, C, H*W] view. The unit stride is a compile-time constant
+// (over s for NCHW, over c for channels-last) so the inner loops vectorize.
+template <typename T, bool kChannelsLast>
+struct Plane {
+  T* data;
+  int64_t stride_n, stride_c, stride_s;
+  explicit Plane(const at::Tensor& t)
+      : data(t.data_ptr<T>()), stride_n(t.stride(0)), stride_c(t.stride(1)), stride_s(t.stride(3)) {
+    TORCH_INTERNAL_ASSERT(t.size(2) == 1 || t.size(3) == 1 || t.stride(2) == t.size(3) * t.stride(3),
+                          "dense_ops: H and W strides of a kernel operand are not mergeable");
+    if (t.size(3) == 1) stride_s = t.stride(2);
+    TORCH_INTERNAL_ASSERT(kChannelsLast ? (t.size(1) == 1 || stride_c == 1) : (t.size(2) * t.size(3) == 1 || stride_s == 1),
+                          "dense_ops: kernel operand has an unexpected memory layout");
+  }
+  T& operator()(int64_t n, int64_t c, int64_t s) const {
+    return data[n * stride_n + (kChannelsLast ? c : c * stride_c) + (kChannelsLast ? s * stride_s : s)];
+  }
+};
+
+struct Extent {
+  int64_t batch, channels, spatial;
+  explicit Extent(const at::Tensor& t) : batch(t.size(0)), channels(t.size(1)), spatial(t.size(2) * t.size(3)) {}
+  int64_t per_channel() const { return batch * spatial; }  // also the number of pixels
+};
+
+// Elements a thread should get at least: fewer do not pay for waking it.
+constexpr int64_t kParallelGrain = 32768;
+
+// The threads split the channels in NCHW, where a channel's pixels are contiguous, and the pixels
+// in channels-last, where a pixel's channels are: either way no two threads write one cache line.
+
+// Runs chunk(c_begin, c_end) in parallel over channel ranges of a useful size (NCHW).
+template <typename Chunk>
+void parallel_over_channels(const Extent& e, const Chunk& chunk) {
+  at::parallel_for(0, e.channels, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(1, e.per_channel())), chunk);
+}
+
+// Runs pixel(n, s) for every pixel, in parallel over pixel ranges of a useful size (channels-last).
+template <typename Pixel>
+void parallel_over_pixels(const Extent& e, const Pixel& pixel) {
+  const int64_t grain = std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(1, e.channels));
+  at::parallel_for(0, e.per_channel(), grain, [&](int64_t p_begin, int64_t p_end) {
+    for (int64_t p = p_begin; p < p_end; ++p) pixel(p / e.spatial, p % e.spatial);
+  });
+}
+
+// Channels-last reductions: the pixels split into at most kPixelBlocks fixed blocks, and the
+// per-block partial sums, added in block order, are the same for any number of threads.
+// add_block(p_begin, p_end, partial) adds one block's sums into its `width` partials.
+constexpr int64_t kPixelBlocks = 64, kMinBlockPixels = 64;
+template <typename sum_t, typename AddBlock>
+std::vector<sum_t> sum_over_pixel_blocks(const Extent& e, int64_t width, const AddBlock& add_block) {
+  const int64_t pixels = e.per_channel();
+  const int64_t blocks = std::clamp<int64_t>(pixels / kMinBlockPixels, 1, kPixelBlocks);
+  std::vector<sum_t> partial(blocks * width, sum_t(0)), total(width, sum_t(0));
+  at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+    for (int64_t b = b_begin; b < b_end; ++b) add_block(pixels * b / blocks, pixels * (b + 1) / blocks, &partial[b * width]);
+  });
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t i = 0; i < width; ++i) total[i] += partial[b * width + i];
+  return total;
+}
+
+template <typename acc_t>
+std::vector<math::BnAffine<acc_t>> affines(const BnParams& bn, int64_t channels) {
+  const acc_t* w = bn.weight.data_ptr<acc_t>();
+  const acc_t* b = bn.bias.data_ptr<acc_t>();
+  const acc_t* m = bn.mean.data_ptr<acc_t>();
+  const acc_t* v = bn.var.data_ptr<acc_t>();
+  std::vector<math::BnAffine<acc_t>> out;
+  out.reserve(channels);
+  for (int64_t c = 0; c < channels; ++c) out.push_back(math::bn_affine(w[c], b[c], m[c], v[c], acc_t(bn.eps)));
+  return out;
+}
+
+// The affine of statistics only (weight 1, bias 0): x_hat = normalized(x).
+template <typename acc_t>
+std::vector<math::BnAffine<acc_t>> normalizers(const BnParams& st, int64_t channels) {
+  const acc_t* m = st.mean.data_ptr<acc_t>();
+  const acc_t* v = st.var.data_ptr<acc_t>();
+  std::vector<math::BnAffine<acc_t>> out;
+  out.reserve(channels);
+  for (int64_t c = 0; c < channels; ++c) out.push_back(math::bn_affine(acc_t(1), acc_t(0), m[c], v[c], acc_t(st.eps)));
+  return out;
+}
+
+// Per-channel affines as columns (structure of arrays), so loops over channels vectorize.
+template <typename acc_t>
+struct AffineColumns {
+  std::vector<acc_t> mean, invstd, scale, shift;
+  explicit AffineColumns(const std::vector<math::BnAffine<acc_t>>& rows) {
+    for (const auto& a : rows) {
+      mean.push_back(a.mean), invstd.push_back(a.invstd), scale.push_back(a.scale), shift.push_back(a.shift);
+    }
+  }
+  math::BnAffine<acc_t> at(int64_t i) const { return {mean[i], invstd[i], scale[i], shift[i]}; }
+};
+
+// Calls run(n, c, s, length, value_at) over every contiguous run of the elements, in parallel:
+// one channel's pixels of one sample (NCHW) or all channels of one pixel (channels-last).
+// value_at(j) is channel_value(channel of the run's j-th element); the unit-stride loops over a
+// run vectorize when channel_value reads plain arrays.
+template <bool kChannelsLast, typename ChannelValue, typename Run>
+void parallel_runs(const Extent& e, const ChannelValue& channel_value, const Run& run) {
+  if (kChannelsLast) {
+    parallel_over_pixels(e, [&](int64_t n, int64_t s) { run(n, 0, s, e.channels, channel_value); });
+  } else {
+    parallel_over_channels(e, [&](int64_t c_begin, int64_t c_end) {
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        const auto value = channel_value(c);
+        const auto value_at = [value](int64_t) { return value; };
+        for (int64_t n = 0; n < e.batch; ++n) run(n, c, 0, e.spatial, value_at);
+      }
+    });
+  }
+}
+
+// The sum of value(i) over [0, length) in independent lanes, so that the loop vectorizes (one
+// running sum would be a serial chain of adds).
+template <typename sum_t, typename Value>
+sum_t lane_sum(int64_t length, const Value& value) {
+  constexpr int64_t kLanes = 8;
+  sum_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= length; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += value(i + j);
+  for (; i < length; ++i) lanes[0] += value(i);
+  sum_t total = 0;
+  for (const sum_t lane : lanes) total += lane;
+  return total;
+}
+
+// Per-channel mean and biased variance, two passes for an accurate variance: NCHW by channel
+// ranges, channels-last by pixel blocks.
+template <typename scalar_t, typename sum_t, bool kChannelsLast>
+void moments(const Plane<scalar_t, kChannelsLast>& in, const Extent& e, sum_t* mean, sum_t* var) {
+  const sum_t count = static_cast<sum_t>(e.per_channel());
+  if (kChannelsLast) {
+    const auto add_pixels = [&](int64_t p_begin, int64_t p_end, const auto& add) {
+      for (int64_t p = p_begin; p < p_end; ++p) {
+        const scalar_t* __restrict__ x = &in(p / e.spatial, 0, p % e.spatial);
+        for (int64_t c = 0; c < e.channels; ++c) add(c, static_cast<sum_t>(x[c]));
+      }
+    };
+    const auto sums = sum_over_pixel_blocks<sum_t>(e, e.channels, [&](int64_t p0, int64_t p1, sum_t* partial) {
+      add_pixels(p0, p1, [&](int64_t c, sum_t x) { partial[c] += x; });
+    });
+    for (int64_t c = 0; c < e.channels; ++c) mean[c] = sums[c] / count;
+    const auto squares = sum_over_pixel_blocks<sum_t>(e, e.channels, [&](int64_t p0, int64_t p1, sum_t* partial) {
+      add_pixels(p0, p1, [&](int64_t c, sum_t x) { partial[c] += (x - mean[c]) * (x - mean[c]); });
+    });
+    for (int64_t c = 0; c < e.channels; ++c) var[c] = squares[c] / count;
+    return;
+  }
+  parallel_over_channels(e, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      sum_t sum = 0, squares = 0;
+      for (int64_t n = 0; n < e.batch; ++n) {
+        const scalar_t* __restrict__ x = &in(n, c, 0);
+        sum += lane_sum<sum_t>(e.spatial, [&](int64_t i) { return static_cast<sum_t>(x[i]); });
+      }
+      mean[c] = sum / count;
+      for (int64_t n = 0; n < e.batch; ++n) {
+        const scalar_t* __restrict__ x = &in(n, c, 0);
+        squares += lane_sum<sum_t>(e.spatial, [&](int64_t i) {
+          const sum_t d = static_cast<sum_t>(x[i]) - mean[c];
+          return d * d;
+        });
+      }
+      var[c] = squares / count;
+    }
+  });
+}
+
+void channel_moments(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, bool channels_last) {
+  const Extent e(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_channel_moments", [&] {
+    using stat_t = at::opmath_type<scalar_t>;
+    using sum_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+    with_flag(channels_last, [&](auto layout) {
+      constexpr bool kChannelsLast = decltype(layout)::value;
+      std::vector<sum_t> batch_mean(e.channels), batch_var(e.channels);
+      moments(Plane<scalar_t, kChannelsLast>(x), e, batch_mean.data(), batch_var.data());
+      stat_t* mean_out = mean.data_ptr<stat_t>();
+      stat_t* var_out = var.data_ptr<stat_t>();
+      for (int64_t c = 0; c < e.channels; ++c) {
+        mean_out[c] = static_cast<stat_t>(batch_mean[c]);
+        var_out[c] = static_cast<stat_t>(batch_var[c]);
+      }
+    });
+  });
+}
+
+void bn_relu_forward(const at::Tensor& x, const BnParams& bn, const at::Tensor& out, bool channels_last) {
+  const Extent e(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_relu_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_flag(channels_last, [&](auto layout) {
+      constexpr bool kChannelsLast = decltype(layout)::value;
+      const Plane<scalar_t, kChannelsLast> in(x), result(out);
+      const AffineColumns<acc_t> columns(affines<acc_t>(bn, e.channels));
+      const auto affine = [&](int64_t c) { return columns.at(c); };
+      parallel_runs<kChannelsLast>(e, affine, [&](int64_t n, int64_t c, int64_t s, int64_t length, auto affine_at) {
+        const scalar_t* __restrict__ x_run = &in(n, c, s);
+        scalar_t* __restrict__ out_run = &result(n, c, s);
+        for (int64_t j = 0; j < length; ++j) {
+          out_run[j] = static_cast<scalar_t>(math::bn_relu(static_cast<acc_t>(x_run[j]), affine_at(j)));
+        }
+      });
+    });
+  });
+}
+
+// The fused backward of one element: dy = dz masked by the ReLU; acc gets scale * dy (added
+// to what it holds when kAccumulate). Returns dy; dy_xhat gets dy * x_hat.
+template <bool kAccumulate, typename scalar_t, typename acc_t>
+inline acc_t backward_element(scalar_t x, scalar_t dz, acc_t& acc, const math::BnAffine<acc_t>& a, acc_t& dy_xhat) {
+  const acc_t xv = static_cast<acc_t>(x);
+  const acc_t dy = math::relu_masked_grad(xv, static_cast<acc_t>(dz), a);
+  dy_xhat = dy * math::normalized(xv, a);
+  acc = (kAccumulate ? acc : acc_t(0)) + a.scale * dy;
+  return dy;
+}
+
+// NCHW: one contiguous run of one channel. Independent lanes let the compiler vectorize
+// the two reductions (a single running sum would be a serial chain); lane sums go to double.
+template <bool kAccumulate, typename scalar_t, typename acc_t>
+void backward_channel_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dz, acc_t* __restrict__ acc,
+                          int64_t length, const math::BnAffine<acc_t>& a, double& sum_dy, double& sum_dy_xhat) {
+  constexpr int64_t kLanes = 16;
+  acc_t dy_lanes[kLanes] = {}, dy_xhat_lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= length; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      acc_t dy_xhat;
+      dy_lanes[j] += backward_element<kAccumulate>(x[i + j], dz[i + j], acc[i + j], a, dy_xhat);
+      dy_xhat_lanes[j] += dy_xhat;
+    }
+  }
+  for (; i < length; ++i) {
+    acc_t dy_xhat;
+    dy_lanes[0] += backward_element<kAccumulate>(x[i], dz[i], acc[i], a, dy_xhat);
+    dy_xhat_lanes[0] += dy_xhat;
+  }
+  for (int64_t j = 0; j < kLanes; ++j) {
+    sum_dy += static_cast<double>(dy_lanes[j]);
+    sum_dy_xhat += static_cast<double>(dy_xhat_lanes[j]);
+  }
+}
+
+// Channels-last: all channels of one pixel; every channel has its own sums (acc_t partials over
+// a tile of pixels, flushed to double by the caller).
+template <bool kAccumulate, typename scalar_t, typename acc_t>
+void backward_pixel_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dz, acc_t* __restrict__ acc,
+                        int64_t length, const AffineColumns<acc_t>& a, acc_t* __restrict__ sum_dy,
+                        acc_t* __restrict__ sum_dy_xhat) {
+  for (int64_t j = 0; j < length; ++j) {
+    acc_t dy_xhat;
+    sum_dy[j] += backward_element<kAccumulate>(x[j], dz[j], acc[j], a.at(j), dy_xhat);
+    sum_dy_xhat[j] += dy_xhat;
+  }
+}
+
+// The backward sums of channels-last operands, by pixel blocks: [sum(dy) | sum(dy * x_hat)].
+template <bool kAccumulate, typename scalar_t, typename acc_t>
+std::vector<double> backward_pixels(const Extent& e, const Plane<scalar_t, true>& in, const Plane<scalar_t, true>& dz,
+                                    const Plane<acc_t, true>& acc, const AffineColumns<acc_t>& columns) {
+  constexpr int64_t kTile = 64;  // pixels summed in acc_t before the double partials
+  const int64_t channels = e.channels;
+  return sum_over_pixel_blocks<double>(e, 2 * channels, [&](int64_t p_begin, int64_t p_end, double* partial) {
+    std::vector<acc_t> tile_dy(channels), tile_dy_xhat(channels);
+    for (int64_t tile = p_begin; tile < p_end; tile += kTile) {
+      std::fill(tile_dy.begin(), tile_dy.end(), acc_t(0));
+      std::fill(tile_dy_xhat.begin(), tile_dy_xhat.end(), acc_t(0));
+      for (int64_t p = tile; p < std::min(tile + kTile, p_end); ++p) {
+        const int64_t n = p / e.spatial, s = p % e.spatial;
+        backward_pixel_run<kAccumulate>(&in(n, 0, s), &dz(n, 0, s), &acc(n, 0, s), channels, columns, tile_dy.data(),
+                                        tile_dy_xhat.data());
+      }
+      for (int64_t c = 0; c < channels; ++c) {
+        partial[c] += static_cast<double>(tile_dy[c]);
+        partial[channels + c] += static_cast<double>(tile_dy_xhat[c]);
+      }
+    }
+  });
+}
+
+void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnParams& bn,
+                      const at::Tensor& accumulated, bool accumulate, const at::Tensor& sum_dy_xhat,
+                      const at::Tensor& sum_dy, bool channels_last) {
+  const Extent e(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_relu_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_flag(channels_last, [&](auto layout) {
+      constexpr bool kChannelsLast = decltype(layout)::value;
+      with_flag(accumulate, [&](auto accumulate_flag) {
+        constexpr bool kAccumulate = decltype(accumulate_flag)::value;
+        const Plane<scalar_t, kChannelsLast> in(x), dz(grad_out);
+        const Plane<acc_t, kChannelsLast> acc(accumulated);
+        const auto channel_affines = affines<acc_t>(bn, e.channels);
+        double* total_dy_xhat = sum_dy_xhat.data_ptr<double>();
+        double* total_dy = sum_dy.data_ptr<double>();
+        if constexpr (kChannelsLast) {
+          const auto sums = backward_pixels<kAccumulate>(e, in, dz, acc, AffineColumns<acc_t>(channel_affines));
+          for (int64_t c = 0; c < e.channels; ++c) {
+            total_dy[c] += sums[c];
+            total_dy_xhat[c] += sums[e.channels + c];
+          }
+        } else {
+          parallel_over_channels(e, [&](int64_t c_begin, int64_t c_end) {
+            for (int64_t c = c_begin; c < c_end; ++c) {
+              double channel_dy = 0, channel_dy_xhat = 0;
+              for (int64_t n = 0; n < e.batch; ++n)
+                backward_channel_run<kAccumulate>(&in(n, c, 0), &dz(n, c, 0), &acc(n, c, 0), e.spatial,
+                                                  channel_affines[c], channel_dy, channel_dy_xhat);
+              total_dy[c] += channel_dy;
+              total_dy_xhat[c] += channel_dy_xhat;
+            }
+          });
+        }
+      });
+    });
+  });
+}
+
+template <typename acc_t>
+struct InputGradColumn {
+  math::BnAffine<acc_t> norm;  // x_hat = normalized(x, norm)
+  acc_t proj_mean, proj_xhat;
+};
+
+void bn_input_grad(const at::Tensor& x, const BnParams& stats, const at::Tensor& accumulated, const at::Tensor& direct,
+                   const at::Tensor& proj_mean, const at::Tensor& proj_xhat, const at::Tensor& out,
+                   bool channels_last) {
+  const Extent e(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_input_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_flag(channels_last, [&](auto layout) {
+      constexpr bool kChannelsLast = decltype(layout)::value;
+      const Plane<scalar_t, kChannelsLast> in(x), result(out);
+      const Plane<acc_t, kChannelsLast> acc(accumulated);
+      const bool has_direct = direct.defined();
+      const Plane<scalar_t, kChannelsLast> dir(has_direct ? direct : out);
+      const bool has_proj = proj_mean.defined();  // eval mode has none: the statistics are constants
+      const acc_t* pm = has_proj ? proj_mean.data_ptr<acc_t>() : nullptr;
+      const acc_t* px = has_proj ? proj_xhat.data_ptr<acc_t>() : nullptr;
+      const AffineColumns<acc_t> norm(has_proj ? normalizers<acc_t>(stats, e.channels)
+                                               : std::vector<math::BnAffine<acc_t>>(e.channels));
+      const auto column = [&](int64_t c) {
+        return has_proj ? InputGradColumn<acc_t>{norm.at(c), pm[c], px[c]} : InputGradColumn<acc_t>{};
+      };
+      parallel_runs<kChannelsLast>(e, column, [&](int64_t n, int64_t c, int64_t s, int64_t length, auto column_at) {
+        const scalar_t* __restrict__ x_run = &in(n, c, s);
+        const scalar_t* __restrict__ direct_run = &dir(n, c, s);
+        const acc_t* __restrict__ acc_run = &acc(n, c, s);
+        scalar_t* __restrict__ out_run = &result(n, c, s);
+        for (int64_t j = 0; j < length; ++j) {
+          const acc_t direct_grad = has_direct ? static_cast<acc_t>(direct_run[j]) : acc_t(0);
+          if (!has_proj) {  // eval mode: x does not enter the gradient (not even a NaN in it)
+            out_run[j] = static_cast<scalar_t>(direct_grad + acc_run[j]);
+            continue;
+          }
+          const auto col = column_at(j);
+          const acc_t x_hat = math::normalized(static_cast<acc_t>(x_run[j]), col.norm);
+          out_run[j] = static_cast<scalar_t>(
+              math::final_input_grad(direct_grad, acc_run[j], x_hat, col.proj_mean, col.proj_xhat));
+        }
+      });
+    });
+  });
+}
+
+}  // namespace
+
+const BnKernels& bn_kernels() {
+  static const BnKernels kernels{channel_moments, bn_relu_forward, bn_relu_backward, bn_input_grad};
+  return kernels;
+}
+
+}  // namespace DENSE_OPS_ISA
+}  // namespace dense_ops
+DENSE_OPS_ISA_END
