@@ -23,7 +23,14 @@ enum class BottleneckStrategy { kPerSample, kBatched };
 // the thread count, so that per-range partial sums, added in range order, give bitwise the same
 // gradients for any number of threads. The ranges share one scratch sample per thread.
 constexpr int64_t kSampleRanges = 16;
-BottleneckStrategy bottleneck_strategy(const at::Tensor& features);
+BottleneckStrategy bottleneck_strategy(bool on_cpu);
+
+// The layout of the bottleneck-width tensors (conv1's output, the BN2-ReLU output, their gradients).
+// kPerSample, whose GEMMs take either layout, keeps them channels-last whatever the block's layout:
+// oneDNN's backward of the 3x3 convolution, with its few (growth-rate) output channels, runs about
+// twice as fast on channels-last operands (issue 2's block, N=32: 9.6 against 17.3 ms a layer).
+// kBatched keeps the block's layout, which its GEMMs over chunks of samples need.
+at::MemoryFormat bottleneck_format(BottleneckStrategy strategy, at::MemoryFormat block_format);
 
 // The batched strategy's BN1-ReLU scratch holds as many samples as fit in this many bytes (at
 // least one; at most the batch): 64 MiB, or DENSE_OPS_BATCHED_SCRATCH_BYTES where set (tests
@@ -72,6 +79,12 @@ struct Block {
   at::Tensor empty(int64_t channels, at::ScalarType dtype) const {
     return at::empty({shape.batch, channels, shape.height, shape.width},
                      features.options().dtype(dtype).memory_format(format));
+  }
+  at::MemoryFormat bottleneck_format() const { return dense_ops::bottleneck_format(strategy, format); }
+  bool bottleneck_channels_last() const { return bottleneck_format() == at::MemoryFormat::ChannelsLast; }
+  at::Tensor empty_bottleneck(at::ScalarType dtype) const {
+    return at::empty({shape.batch, shape.bottleneck_width, shape.height, shape.width},
+                     features.options().dtype(dtype).memory_format(bottleneck_format()));
   }
   // Allocates the BN1-ReLU scratch for the block's strategy.
   void allocate_scratch();

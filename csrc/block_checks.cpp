@@ -1,6 +1,8 @@
 // Argument checks of the dense block ops (see block_checks.h).
 #include "block_checks.h"
 
+#include "block.h"
+
 #include <string>
 #include <vector>
 
@@ -133,11 +135,12 @@ SavedForBackward check_backward(const at::Tensor& grad_features, const at::Tenso
   const bool keep_bottleneck = !saved_bottleneck.empty();
   TORCH_CHECK(!keep_bottleneck || (bottleneck && static_cast<int64_t>(saved_bottleneck.size()) == shape.num_layers),
               "dense_block_backward: saved_bottleneck must be empty or, with a bottleneck, hold one tensor per layer");
-  std::vector<at::Tensor> saved;  // in the features' layout, as the kernels expect
+  const auto saved_format = bottleneck_format(bottleneck_strategy(features.is_cpu()), format);
+  std::vector<at::Tensor> saved;  // in the bottleneck layout, as the kernels expect
   for (int64_t l = 0; l < static_cast<int64_t>(saved_bottleneck.size()); ++l) {
     check_saved(saved_bottleneck[l], "saved_bottleneck[" + std::to_string(l) + "]",
                 {{shape.batch, shape.bottleneck_width, shape.height, shape.width}}, features.scalar_type(), device);
-    saved.push_back(saved_bottleneck[l].contiguous(format));
+    saved.push_back(saved_bottleneck[l].contiguous(saved_format));
   }
   check_dropout_mask(dropout_mask, features, shape);
 

@@ -11,7 +11,7 @@
 
 namespace dense_ops {
 
-BottleneckStrategy bottleneck_strategy(const at::Tensor& features) {
+BottleneckStrategy bottleneck_strategy(bool on_cpu) {
   const char* forced = std::getenv("DENSE_OPS_BOTTLENECK");
   if (forced != nullptr && *forced != '\0') {
     const std::string name(forced);
@@ -19,7 +19,11 @@ BottleneckStrategy bottleneck_strategy(const at::Tensor& features) {
                 "DENSE_OPS_BOTTLENECK must be 'batched' or 'per_sample' (or unset), got '", name, "'");
     return name == "batched" ? BottleneckStrategy::kBatched : BottleneckStrategy::kPerSample;
   }
-  return features.is_cpu() ? BottleneckStrategy::kPerSample : BottleneckStrategy::kBatched;
+  return on_cpu ? BottleneckStrategy::kPerSample : BottleneckStrategy::kBatched;
+}
+
+at::MemoryFormat bottleneck_format(BottleneckStrategy strategy, at::MemoryFormat block_format) {
+  return strategy == BottleneckStrategy::kPerSample ? at::MemoryFormat::ChannelsLast : block_format;
 }
 
 int64_t batched_scratch_bytes() {

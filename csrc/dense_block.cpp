@@ -50,9 +50,10 @@ BnParams Block::bn2(int64_t l) const {
 
 namespace {
 
-at::Tensor conv(const at::Tensor& x, const at::Tensor& weight, at::MemoryFormat format) {
+// In whichever layout the convolution picks: the caller copies it into the features.
+at::Tensor conv(const at::Tensor& x, const at::Tensor& weight) {
   const int64_t pad = (weight.size(2) - 1) / 2;
-  return at::convolution(x, weight, {}, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1).contiguous(format);
+  return at::convolution(x, weight, {}, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1);
 }
 
 // Returns (grad_input, grad_weight); grad_weight is undefined unless asked for. The weight
@@ -106,7 +107,7 @@ ForwardResult dense_block_forward(const at::Tensor& input, at::TensorList params
   const at::Tensor features = at::empty({shape.batch, shape.total_channels(), shape.height, shape.width},
                                         input.options().memory_format(format));
   Block block{shape, params, bottleneck, training, format == at::MemoryFormat::ChannelsLast, eps, format, acc, kernels,
-              sync, bottleneck_strategy(features), features};
+              sync, bottleneck_strategy(features.is_cpu()), features};
   block.batch_mean = at::empty({stat_channels}, stat_options);
   block.batch_var = at::empty({stat_channels}, stat_options);
   block.bottleneck_mean = at::empty({shape.num_layers, stat_width}, stat_options);
@@ -114,7 +115,7 @@ ForwardResult dense_block_forward(const at::Tensor& input, at::TensorList params
   std::vector<at::Tensor> saved_bottleneck;
   if (keep_bottleneck) {
     for (int64_t l = 0; l < shape.num_layers; ++l) {
-      saved_bottleneck.push_back(block.empty(shape.bottleneck_width, input.scalar_type()));
+      saved_bottleneck.push_back(block.empty_bottleneck(input.scalar_type()));
     }
   }
   if (block.count() == 0) {  // an empty batch has undefined (NaN) statistics, as in PyTorch
@@ -124,33 +125,35 @@ ForwardResult dense_block_forward(const at::Tensor& input, at::TensorList params
   }
 
   // Training statistics of freshly written channels, taken once.
-  const auto take_moments = [&](const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var) {
-    kernels.channel_moments(x, mean, var, block.channels_last);
+  const auto take_moments = [&](const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                                bool channels_last) {
+    kernels.channel_moments(x, mean, var, channels_last);
     sync.moments(mean, var);
   };
   block.features.narrow(1, 0, shape.in_channels).copy_(input);
   if (training) {
     take_moments(block.inputs(0), block.batch_mean.narrow(0, 0, shape.in_channels),
-                 block.batch_var.narrow(0, 0, shape.in_channels));
+                 block.batch_var.narrow(0, 0, shape.in_channels), block.channels_last);
   }
   block.allocate_scratch();
   at::Tensor bottleneck_out, z2;
   if (bottleneck) {
-    z2 = block.empty(shape.bottleneck_width, input.scalar_type());
-    if (!keep_bottleneck) bottleneck_out = block.empty(shape.bottleneck_width, input.scalar_type());
+    z2 = block.empty_bottleneck(input.scalar_type());
+    if (!keep_bottleneck) bottleneck_out = block.empty_bottleneck(input.scalar_type());
   }
   for (int64_t l = 0; l < shape.num_layers; ++l) {
     at::Tensor new_features;
     if (bottleneck) {
       const at::Tensor& out = keep_bottleneck ? saved_bottleneck[l] : bottleneck_out;
       bottleneck_forward(block, l, out);
-      if (training) take_moments(out, block.bottleneck_mean[l], block.bottleneck_var[l]);
-      kernels.bn_relu_forward(out, block.bn2(l), z2, block.channels_last);
-      new_features = conv(z2, block.weight(l, kConv2Weight), format);
+      const bool channels_last = block.bottleneck_channels_last();
+      if (training) take_moments(out, block.bottleneck_mean[l], block.bottleneck_var[l], channels_last);
+      kernels.bn_relu_forward(out, block.bn2(l), z2, channels_last);
+      new_features = conv(z2, block.weight(l, kConv2Weight));
     } else {
       const at::Tensor z1 = block.z1(l, 0, shape.batch);
       kernels.bn_relu_forward(block.inputs(l), block.bn1(l), z1, block.channels_last);
-      new_features = conv(z1, block.weight(l, kConv1Weight), format);
+      new_features = conv(z1, block.weight(l, kConv1Weight));
     }
     if (dropout_mask.has_value()) new_features.mul_(dropout_mask->narrow(1, l * shape.growth, shape.growth));
     const int64_t channels = shape.channels(l);
@@ -158,7 +161,7 @@ ForwardResult dense_block_forward(const at::Tensor& input, at::TensorList params
     slot.copy_(new_features);
     if (training) {
       take_moments(slot, block.batch_mean.narrow(0, channels, shape.growth),
-                   block.batch_var.narrow(0, channels, shape.growth));
+                   block.batch_var.narrow(0, channels, shape.growth), block.channels_last);
     }
   }
   return {block.features, block.batch_mean, block.batch_var, saved_bottleneck, block.bottleneck_mean,
@@ -193,9 +196,9 @@ BackwardWorkspace backward_workspace(const Block& block, bool keep_bottleneck) {
   workspace.layer_sums = at::zeros({shape.num_layers, 2, max_channels}, sum_options);
   workspace.finalized = block.empty(shape.growth, dtype);
   if (block.bottleneck) {
-    if (!keep_bottleneck) workspace.recomputed_bottleneck = block.empty(shape.bottleneck_width, dtype);
-    workspace.z2 = block.empty(shape.bottleneck_width, dtype);
-    workspace.accumulated2 = block.empty(shape.bottleneck_width, block.acc);
+    if (!keep_bottleneck) workspace.recomputed_bottleneck = block.empty_bottleneck(dtype);
+    workspace.z2 = block.empty_bottleneck(dtype);
+    workspace.accumulated2 = block.empty_bottleneck(block.acc);
     workspace.bottleneck_sums = at::zeros({shape.num_layers, 2, shape.bottleneck_width}, sum_options);
     workspace.bottleneck_proj = at::zeros({shape.num_layers, 2, shape.bottleneck_width}, acc_options);
   }
@@ -214,12 +217,13 @@ at::Tensor bottleneck_output_backward(const Block& block, int64_t l, const at::T
                                       const BackwardWorkspace& workspace, std::vector<at::Tensor>& grads) {
   const int64_t base = l * params_per_layer(true);
   const BnParams bn2 = block.bn2(l);
-  block.kernels.bn_relu_forward(bottleneck_out, bn2, workspace.z2, block.channels_last);
+  const bool channels_last = block.bottleneck_channels_last();
+  block.kernels.bn_relu_forward(bottleneck_out, bn2, workspace.z2, channels_last);
   auto [grad_z2, grad_conv2] =
-      conv_backward(grad_new, workspace.z2, block.weight(l, kConv2Weight), need_weights, block.format);
+      conv_backward(grad_new, workspace.z2, block.weight(l, kConv2Weight), need_weights, block.bottleneck_format());
   const at::Tensor sum_dy_xhat = workspace.bottleneck_sums[l][0], sum_dy = workspace.bottleneck_sums[l][1];
   block.kernels.bn_relu_backward(bottleneck_out, grad_z2, bn2, workspace.accumulated2, false, sum_dy_xhat, sum_dy,
-                                 block.channels_last);
+                                 channels_last);
   at::Tensor proj_mean, proj_xhat;
   if (block.training) {
     proj_mean = workspace.bottleneck_proj[l][0], proj_xhat = workspace.bottleneck_proj[l][1];
@@ -228,7 +232,7 @@ at::Tensor bottleneck_output_backward(const Block& block, int64_t l, const at::T
   }
   const at::Tensor& grad_bottleneck = workspace.z2;  // z2 is no longer needed
   block.kernels.bn_input_grad(bottleneck_out, bn2, workspace.accumulated2, at::Tensor(), proj_mean, proj_xhat,
-                              grad_bottleneck, block.channels_last);
+                              grad_bottleneck, channels_last);
   if (need_weights) {
     grads[base + kConv2Weight] = grad_conv2;
     grads[base + kNorm2Weight] = own_copy(sum_dy_xhat, block.weight(l, kNorm2Weight));
@@ -269,7 +273,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dense_block_backward(
   const auto acc = stats_dtype(features.scalar_type());
   const StatSync sync(training ? sync_group : std::nullopt, shape.pixels(), features);
   Block block{shape, params, bottleneck, training, format == at::MemoryFormat::ChannelsLast, eps, format, acc, kernels,
-              sync, bottleneck_strategy(features), features, batch_mean, batch_var, bottleneck_mean, bottleneck_var};
+              sync, bottleneck_strategy(features.is_cpu()), features, batch_mean, batch_var, bottleneck_mean,
+              bottleneck_var};
   const int64_t per_layer = params_per_layer(bottleneck);
   std::vector<at::Tensor> grads(params.size());
   for (auto& g : grads) g = at::empty({0}, features.options().dtype(acc));

@@ -10,6 +10,7 @@
 #include <set>
 #include <thread>
 
+#include "block.h"
 #include "cpu/isa.h"
 #include "dense_block.h"
 #include "dtypes.h"
@@ -113,6 +114,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "Names of a layer's entries in dense_block's flat layer_params list, in order");
   m.def("stats_dtype", &dense_ops::stats_dtype,
         "The dtype of the statistics, BN parameters and accumulated gradients of the ops for input of this dtype");
+  m.def("bottleneck_channels_last", [](bool on_cpu, bool block_channels_last) {
+    const auto block_format = block_channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    return dense_ops::bottleneck_format(dense_ops::bottleneck_strategy(on_cpu), block_format) ==
+           at::MemoryFormat::ChannelsLast;
+  }, "Whether a block keeps its bottleneck-width tensors (saved_bottleneck among them) channels-last");
   m.def("_parallel_for_threads", &parallel_for_threads,
         "Distinct threads used by an at::parallel_for compiled into the extension (a test probe)");
 }

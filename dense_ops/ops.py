@@ -74,7 +74,9 @@ def _dense_block_forward_fake(input, layer_params, dropout_mask, bottleneck, tra
     acc = stats_dtype(input.dtype)
     stat_channels = c0 + num_layers * growth if training else 0
     features = _empty((n, c0 + num_layers * growth, h, w), input, memory_format=fmt)
-    saved = [_empty((n, width, h, w), input, memory_format=fmt) for _ in range(num_layers)] \
+    saved_channels_last = _C.bottleneck_channels_last(input.device.type == "cpu", fmt == torch.channels_last)
+    saved_fmt = torch.channels_last if saved_channels_last else torch.contiguous_format
+    saved = [_empty((n, width, h, w), input, memory_format=saved_fmt) for _ in range(num_layers)] \
         if (bottleneck and recompute == "bn_relu") else []
     stat_width = width if training else 0
     return (features, _empty((stat_channels,), input, acc), _empty((stat_channels,), input, acc), saved,
