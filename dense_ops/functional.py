@@ -1,4 +1,5 @@
-"""Functional API: one call runs a whole dense block over the shared feature buffer."""
+"""Functional API: one call runs a whole dense block over the shared feature buffer; a transition
+runs as one step that keeps nothing but its batch statistics."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -92,6 +93,62 @@ def dense_block(input: torch.Tensor, layer_params: Sequence[torch.Tensor], *, bo
         _update_running_stats(layer_params, bottleneck, batch_mean, batch_var, bottleneck_mean, bottleneck_var,
                               momentum, count)
     return features
+
+
+def transition(input: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, running_mean: torch.Tensor,
+               running_var: torch.Tensor, conv_weight: torch.Tensor, *, training: bool, momentum: float,
+               eps: float) -> torch.Tensor:
+    """torchvision's transition, BN-ReLU-conv1x1-avgpool2x2, computed as BN-ReLU-avgpool2x2-conv1x1.
+
+    A 1x1 convolution and a 2x2 average pool are both linear maps of each pixel's values, so they
+    commute (up to rounding) and the convolution runs on a quarter of the pixels. With autograd the
+    step keeps only its input, which the dense block before it keeps anyway, and the batch
+    statistics; backward recomputes the BN-ReLU-pool. Under autocast it runs as plain ops, which
+    autocast casts. In training the running statistics are updated in place with `momentum`.
+    """
+    _check_input(input, norm_weight.shape[0])
+    if training:
+        F._verify_batch_size(input.size())
+    params = (input, norm_weight, norm_bias, conv_weight)
+    if needs_grad(*params) and _autocast_dtype(input.device.type) is None:
+        return _Transition.apply(*params, running_mean, running_var, training, momentum, eps)
+    normalized = F.batch_norm(input, running_mean, running_var, norm_weight, norm_bias, training, momentum, eps)
+    return F.conv2d(F.avg_pool2d(F.relu(normalized), 2), conv_weight)
+
+
+class _Transition(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, norm_weight, norm_bias, conv_weight, running_mean, running_var, training, momentum, eps):
+        normalized, batch_mean, batch_invstd = torch.ops.aten.native_batch_norm(
+            input, norm_weight, norm_bias, running_mean, running_var, training, momentum, eps)
+        # What normalized the input: the batch's statistics in training, else the running ones
+        # (copied: a training step before this backward would change them).
+        statistics = (batch_mean, batch_invstd) if training else (running_mean.clone(), running_var.clone())
+        ctx.save_for_backward(input, norm_weight, norm_bias, conv_weight, *statistics)
+        ctx.training, ctx.eps = training, eps
+        return F.conv2d(F.avg_pool2d(F.relu(normalized), 2), conv_weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        input, norm_weight, norm_bias, conv_weight, first, second = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if ctx.training:
+            mean, invstd, running_mean, running_var = first, second, None, None
+        else:
+            mean, invstd, running_mean, running_var = first, (second + ctx.eps).rsqrt(), first, second
+        channel = (1, -1, 1, 1)
+        scale = norm_weight * invstd
+        relu_out = torch.relu(input * scale.view(channel) + (norm_bias - mean * scale).view(channel))
+        pooled = F.avg_pool2d(relu_out, 2)
+        grad_pooled, grad_conv, _ = torch.ops.aten.convolution_backward(
+            grad_out, pooled, conv_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, needs[3], False])
+        grad_relu = torch.ops.aten.avg_pool2d_backward(grad_pooled, relu_out, [2, 2], [2, 2], [0, 0], False, True, None)
+        grad_normalized = torch.ops.aten.threshold_backward(grad_relu, relu_out, 0)
+        batch_stats = (mean, invstd) if ctx.training else (None, None)  # train=False reads the running ones
+        grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_normalized, input, norm_weight, running_mean, running_var, *batch_stats, ctx.training, ctx.eps,
+            [needs[0], needs[1], needs[2]])
+        return grad_input, grad_weight, grad_bias, grad_conv, None, None, None, None, None
 
 
 def _group_count(count: int, group_name: str, device: torch.device) -> int:

@@ -16,7 +16,7 @@ from torch import nn
 from .condense import CondensedConv as FusedCondensedConv
 from .condense import unfused_condensed_conv as condensed_conv
 from .models.condensenet import AvgPool2x2
-from .nn.unfused import Transition
+from .nn.unfused import UnfusedTransition as Transition
 from .nn.unfused import UnfusedDenseBlock as DenseBlock
 from .nn.unfused import UnfusedDenseLayer as DenseLayer
 from .ops import channel_shuffle

@@ -1,7 +1,8 @@
 """Drop-in replacements for torchvision's _DenseLayer, _DenseBlock and _Transition.
 
 Same constructor signatures, same module, parameter and buffer names, so state dicts
-load both ways with strict=True; the block runs as one compiled op over a shared buffer.
+load both ways with strict=True; the block runs as one compiled op over a shared buffer,
+the transition as one step that keeps only its batch statistics for backward.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from .. import functional, ops
 from .._common import has_hooks
-from .unfused import Transition, UnfusedDenseBlock, UnfusedDenseLayer
+from .unfused import UnfusedDenseBlock, UnfusedDenseLayer, UnfusedTransition
 
 __all__ = ["DenseBlock", "DenseLayer", "Transition", "run_layers", "sync_group_name"]
 
@@ -131,3 +132,31 @@ class DenseBlock(UnfusedDenseBlock):
 
     def extra_repr(self) -> str:
         return f"recompute={self.recompute!r}" + (", sync_batchnorm=True" if self.sync_batchnorm else "")
+
+
+def _standard_transition(transition: nn.Module) -> bool:
+    """Whether the transition's modules compute exactly BN-ReLU-conv1x1-avgpool2x2, as functional.transition does."""
+    norm, relu, conv, pool = transition.norm, transition.relu, transition.conv, transition.pool
+    return (type(norm) is nn.BatchNorm2d and norm.affine and norm.track_running_stats and type(relu) is nn.ReLU
+            and type(conv) is nn.Conv2d and conv.bias is None and conv.kernel_size == (1, 1)
+            and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
+            and type(pool) is nn.AvgPool2d and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
+            and pool.padding in (0, (0, 0)) and not pool.ceil_mode and pool.divisor_override is None
+            and not has_hooks(norm, relu, conv, pool))
+
+
+class Transition(UnfusedTransition):
+    """torchvision's _Transition (same names) as one step, functional.transition: the 1x1 conv runs
+    after the pool, on a quarter of the pixels, and backward recomputes the BN-ReLU instead of
+    keeping it. Modules replaced by other kinds, or with hooks, run module by module."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _standard_transition(self):
+            return super().forward(x)
+        norm = self.norm
+        momentum = _momentum_factors([norm])[0] if norm.training else 0.0
+        out = functional.transition(x, norm.weight, norm.bias, norm.running_mean, norm.running_var, self.conv.weight,
+                                    training=norm.training, momentum=momentum, eps=norm.eps)
+        if norm.training:  # counted once the step succeeded, as the block does
+            norm.num_batches_tracked.add_(1)
+        return out

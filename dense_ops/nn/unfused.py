@@ -76,7 +76,7 @@ class UnfusedDenseBlock(nn.ModuleDict):
         return torch.cat(features, 1)
 
 
-class Transition(nn.Sequential):
+class UnfusedTransition(nn.Sequential):
     """torchvision's _Transition: BN-ReLU-Conv1x1-AvgPool2x2 between dense blocks (same names)."""
 
     def __init__(self, num_input_features: int, num_output_features: int):
