@@ -126,7 +126,7 @@ class _Transition(torch.autograd.Function):
         statistics = (batch_mean, batch_invstd) if training else (running_mean.clone(), running_var.clone())
         ctx.save_for_backward(input, norm_weight, norm_bias, conv_weight, *statistics)
         ctx.training, ctx.eps = training, eps
-        return F.conv2d(F.avg_pool2d(F.relu(normalized), 2), conv_weight)
+        return F.conv2d(F.avg_pool2d(normalized.relu_(), 2), conv_weight)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -136,14 +136,17 @@ class _Transition(torch.autograd.Function):
             mean, invstd, running_mean, running_var = first, second, None, None
         else:
             mean, invstd, running_mean, running_var = first, (second + ctx.eps).rsqrt(), first, second
+        # In place where it can: at most two input-sized tensors are alive at once.
         channel = (1, -1, 1, 1)
         scale = norm_weight * invstd
-        relu_out = torch.relu(input * scale.view(channel) + (norm_bias - mean * scale).view(channel))
-        pooled = F.avg_pool2d(relu_out, 2)
+        relu_out = (input * scale.view(channel)).add_((norm_bias - mean * scale).view(channel)).relu_()
         grad_pooled, grad_conv, _ = torch.ops.aten.convolution_backward(
-            grad_out, pooled, conv_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, needs[3], False])
-        grad_relu = torch.ops.aten.avg_pool2d_backward(grad_pooled, relu_out, [2, 2], [2, 2], [0, 0], False, True, None)
-        grad_normalized = torch.ops.aten.threshold_backward(grad_relu, relu_out, 0)
+            grad_out, F.avg_pool2d(relu_out, 2), conv_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+            [True, needs[3], False])
+        grad_normalized = torch.ops.aten.avg_pool2d_backward(grad_pooled, relu_out, [2, 2], [2, 2], [0, 0], False,
+                                                             True, None)
+        grad_normalized.masked_fill_(relu_out <= 0, 0)  # the ReLU's backward; NaN passes, as in relu's
+        del relu_out
         batch_stats = (mean, invstd) if ctx.training else (None, None)  # train=False reads the running ones
         grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
             grad_normalized, input, norm_weight, running_mean, running_var, *batch_stats, ctx.training, ctx.eps,
