@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from . import functional
-from .nn import DenseBlock, DenseLayer
-from .nn.unfused import UnfusedDenseBlock
+from .nn import DenseBlock, DenseLayer, Transition
+from .nn.unfused import UnfusedDenseBlock, UnfusedTransition
 
 
 class _Unswappable(ValueError):
@@ -33,6 +33,25 @@ def _swappable_types() -> tuple[type, ...]:
     except ImportError:  # torchvision is optional
         return types
     return types + (_DenseBlock,)
+
+
+def _transition_types() -> tuple[type, ...]:
+    """torchvision's and our module-by-module transitions: BN-ReLU-conv1x1-avgpool2x2 as named children."""
+    try:
+        from torchvision.models.densenet import _Transition
+    except ImportError:  # torchvision is optional
+        return (UnfusedTransition,)
+    return UnfusedTransition, _Transition
+
+
+def _swap_transition(transition: nn.Module) -> Transition:
+    """A Transition that owns the old one's modules (the same parameter objects). Modules that are not
+    BN-ReLU-conv1x1-avgpool2x2 make it run module by module, so every transition can be swapped."""
+    with torch.device("meta"):  # placeholders only: every module is replaced below
+        new_transition = Transition(1, 1)
+    for name in ("norm", "relu", "conv", "pool"):
+        setattr(new_transition, name, getattr(transition, name))
+    return new_transition.train(transition.training)
 
 
 def _is_bottleneck(layer: nn.Module) -> bool:
@@ -129,7 +148,8 @@ def _swap_or_warn(block_name: str, block: nn.Module, recompute: str) -> nn.Modul
 
 def swap_dense_blocks(model: nn.Module, *, recompute: str = "bn_relu") -> nn.Module:
     """Replaces, in place, every torchvision _DenseBlock, timm DenseBlock and dense_ops.reference.DenseBlock
-    in `model` with a dense_ops.DenseBlock and returns the model.
+    in `model` with a dense_ops.DenseBlock, and every torchvision _Transition and
+    dense_ops.reference.Transition with a dense_ops.Transition, and returns the model.
 
     The new blocks take over the old blocks' BatchNorm and Conv modules, so parameter names,
     parameters and buffers are the same objects (state dicts load both ways, optimizers keep
@@ -139,19 +159,24 @@ def swap_dense_blocks(model: nn.Module, *, recompute: str = "bn_relu") -> nn.Mod
     with a ReLU (other act_layer or norm_layer options) are left as they are, with a warning naming
     the block; other blocks that cannot be swapped raise ValueError. Only these exact classes are
     swapped: subclasses may change forward and are left alone. If `model` itself is such a block,
-    the new block is returned. `recompute` is passed to every new DenseBlock.
+    the new block is returned. `recompute` is passed to every new DenseBlock. Transitions take over
+    the old modules the same way (timm's transitions, with their own norm-act and pool layers, stay).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap_dense_blocks: model must be a torch.nn.Module, got {type(model).__name__}")
     functional.check_recompute(recompute)
-    swappable = _swappable_types()
+    swappable, transitions = _swappable_types(), _transition_types()
     if type(model) in swappable:
         return _swap_or_warn(type(model).__name__, model, recompute)
+    if type(model) in transitions:
+        return _swap_transition(model)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
+            qualified = f"{name}.{child_name}" if name else child_name
             if type(child) in swappable:
-                qualified = f"{name}.{child_name}" if name else child_name
                 setattr(module, child_name, _swap_or_warn(qualified, child, recompute))
+            elif type(child) in transitions:
+                setattr(module, child_name, _swap_transition(child))
     return model
 
 

@@ -26,6 +26,8 @@ def test_swap_torchvision_densenet121(training):
     blocks = [m for m in swapped.modules() if isinstance(m, dense_ops.DenseBlock)]
     assert [len(b) for b in blocks] == [6, 12, 24, 16]
     assert not any(isinstance(m, _DenseBlock) for m in swapped.modules())
+    assert [type(m) for m in swapped.modules() if isinstance(m, _Transition) or "Transition" in type(m).__name__] \
+        == [dense_ops.Transition] * 3
     assert all(m.training == training for m in swapped.modules())
     assert swapped.state_dict().keys() == original.state_dict().keys()
     assert_same_step(swapped, original, torch.randn(3, 3, 32, 32, dtype=torch.float64), atol=1e-8)
@@ -66,6 +68,7 @@ def test_swap_keeps_parameter_objects_mode_and_drop_rate():
     returned = dense_ops.swap_dense_blocks(model)
     assert returned is model
     assert isinstance(model.body[0], dense_ops.DenseBlock) and isinstance(model.body[2], dense_ops.DenseBlock)
+    assert type(model.body[1]) is dense_ops.Transition and not model.body[1].training
     assert model.body[0].training and not model.body[2].training
     assert [l.drop_rate for l in model.body[2].values()] == [0.25, 0.25]
     assert model.body[2].memory_efficient
@@ -108,6 +111,16 @@ def test_swap_naive_reference_blocks_and_root_block():
     root = dense_ops.swap_dense_blocks(copy.deepcopy(naive))
     assert isinstance(root, dense_ops.DenseBlock)
     assert_same_step(root, naive, torch.randn(2, 5, 6, 6, dtype=torch.float64), atol=1e-8)
+
+
+def test_swap_transition_root_and_reference():
+    torch.manual_seed(0)
+    theirs = randomize_batch_norms(_Transition(12, 5)).double()
+    ours = dense_ops.swap_dense_blocks(copy.deepcopy(theirs))
+    assert type(ours) is dense_ops.Transition
+    assert_same_step(ours, theirs, torch.randn(2, 12, 6, 6, dtype=torch.float64), atol=1e-8)
+    model = nn.Sequential(dense_ops.reference.Transition(12, 5))
+    assert type(dense_ops.swap_dense_blocks(model)[0]) is dense_ops.Transition
 
 
 def test_swap_leaves_other_modules_and_swapped_blocks_alone():
