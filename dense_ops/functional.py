@@ -1,5 +1,5 @@
 """Functional API: one call runs a whole dense block over the shared feature buffer; a transition
-runs as one step that keeps nothing but its batch statistics."""
+runs as one step that keeps nothing but its input."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -102,9 +102,9 @@ def transition(input: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.
 
     A 1x1 convolution and a 2x2 average pool are both linear maps of each pixel's values, so they
     commute (up to rounding) and the convolution runs on a quarter of the pixels. With autograd the
-    step keeps only its input, which the dense block before it keeps anyway, and the batch
-    statistics; backward recomputes the BN-ReLU-pool. Under autocast it runs as plain ops, which
-    autocast casts. In training the running statistics are updated in place with `momentum`.
+    step keeps only its input, which the dense block before it keeps anyway (and, in eval mode, a
+    copy of the running statistics); backward recomputes the BN-ReLU-pool. Under autocast it runs
+    as plain ops, which autocast casts. In training the running statistics are updated in place with `momentum`.
     """
     _check_input(input, norm_weight.shape[0])
     if training:
@@ -119,37 +119,34 @@ def transition(input: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.
 class _Transition(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, norm_weight, norm_bias, conv_weight, running_mean, running_var, training, momentum, eps):
-        normalized, batch_mean, batch_invstd = torch.ops.aten.native_batch_norm(
+        normalized, _, _ = torch.ops.aten.native_batch_norm(
             input, norm_weight, norm_bias, running_mean, running_var, training, momentum, eps)
-        # What normalized the input: the batch's statistics in training, else the running ones
-        # (copied: a training step before this backward would change them).
-        statistics = (batch_mean, batch_invstd) if training else (running_mean.clone(), running_var.clone())
-        ctx.save_for_backward(input, norm_weight, norm_bias, conv_weight, *statistics)
+        # Eval mode normalizes with the running statistics: copied, as a training step before this
+        # backward would change them. Training mode's batch statistics are recomputed from the input.
+        running = () if training else (running_mean.clone(), running_var.clone())
+        ctx.save_for_backward(input, norm_weight, norm_bias, conv_weight, *running)
         ctx.training, ctx.eps = training, eps
         return F.conv2d(F.avg_pool2d(normalized.relu_(), 2), conv_weight)
 
     @staticmethod
     def backward(ctx, grad_out):
-        input, norm_weight, norm_bias, conv_weight, first, second = ctx.saved_tensors
+        input, norm_weight, norm_bias, conv_weight, *running = ctx.saved_tensors
+        running_mean, running_var = running or (None, None)
         needs = ctx.needs_input_grad
-        if ctx.training:
-            mean, invstd, running_mean, running_var = first, second, None, None
-        else:
-            mean, invstd, running_mean, running_var = first, (second + ctx.eps).rsqrt(), first, second
+        # The same op on the same input: the forward's values bit for bit, so the same ReLU mask.
         # In place where it can: at most two input-sized tensors are alive at once.
-        channel = (1, -1, 1, 1)
-        scale = norm_weight * invstd
-        relu_out = (input * scale.view(channel)).add_((norm_bias - mean * scale).view(channel)).relu_()
+        normalized, mean, invstd = torch.ops.aten.native_batch_norm(
+            input, norm_weight, norm_bias, running_mean, running_var, ctx.training, 0.0, ctx.eps)
+        relu_out = normalized.relu_()
         grad_pooled, grad_conv, _ = torch.ops.aten.convolution_backward(
             grad_out, F.avg_pool2d(relu_out, 2), conv_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
             [True, needs[3], False])
         grad_normalized = torch.ops.aten.avg_pool2d_backward(grad_pooled, relu_out, [2, 2], [2, 2], [0, 0], False,
                                                              True, None)
         grad_normalized.masked_fill_(relu_out <= 0, 0)  # the ReLU's backward; NaN passes, as in relu's
-        del relu_out
-        batch_stats = (mean, invstd) if ctx.training else (None, None)  # train=False reads the running ones
+        del normalized, relu_out
         grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_normalized, input, norm_weight, running_mean, running_var, *batch_stats, ctx.training, ctx.eps,
+            grad_normalized, input, norm_weight, running_mean, running_var, mean, invstd, ctx.training, ctx.eps,
             [needs[0], needs[1], needs[2]])
         return grad_input, grad_weight, grad_bias, grad_conv, None, None, None, None, None
 

@@ -2,7 +2,7 @@
 
 Same constructor signatures, same module, parameter and buffer names, so state dicts
 load both ways with strict=True; the block runs as one compiled op over a shared buffer,
-the transition as one step that keeps only its batch statistics for backward.
+the transition as one step that keeps only its input for backward.
 """
 from __future__ import annotations
 
