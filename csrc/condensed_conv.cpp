@@ -1,33 +1,22 @@
 // The condensed 1x1 convolution's host side (see condensed_conv.h).
 #include "condensed_conv.h"
 
+#include <utility>
+
 #include "dtypes.h"
 
 namespace dense_ops {
 namespace condense {
 namespace {
 
-struct Problem {
-  int64_t batch, in_channels, height, width, groups, kept, per_group_out;
-  bool pixel_major;  // channels-last input: pack pixel-major
-
-  int64_t pixels() const { return batch * height * width; }
-  int64_t out_channels() const { return groups * per_group_out; }
-  PackedLayout operand_layout() const { return {kept, pixels(), pixel_major}; }
-  PackedLayout result_layout() const { return {per_group_out, pixels(), pixel_major}; }
-};
-
 bool spatial_dims_merge(const at::Tensor& t) {
   return t.size(2) == 1 || t.size(3) == 1 || t.stride(2) == t.size(3) * t.stride(3);
 }
 
-PlaneStrides plane_strides(const at::Tensor& t) {
-  const int64_t pixel_stride = t.size(3) == 1 ? t.stride(2) : t.stride(3);
-  return {t.stride(0), t.stride(1), pixel_stride, t.size(2) * t.size(3)};
-}
-
-Problem check_arguments(const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
-                        const at::Tensor& shift, const at::Tensor& weight, int64_t groups) {
+// The checked sizes: (kept, per_group_out).
+std::pair<int64_t, int64_t> check_arguments(const at::Tensor& input, const at::Tensor& index,
+                                            const at::Tensor& scale, const at::Tensor& shift,
+                                            const at::Tensor& weight, int64_t groups) {
   TORCH_CHECK(input.dim() == 4, "condensed_conv: input must be 4-D [N, C, H, W], got ", input.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(input.scalar_type()), "condensed_conv: input must be floating point, got ",
               input.scalar_type());
@@ -54,21 +43,19 @@ Problem check_arguments(const at::Tensor& input, const at::Tensor& index, const 
     TORCH_CHECK(t->device() == input.device(), "condensed_conv: all tensors must be on the input's device ",
                 input.device(), ", got one on ", t->device());
   }
-  const bool pixel_major = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  return {input.size(0), input.size(1), input.size(2), input.size(3), groups, kept, weight.size(0) / groups,
-          pixel_major};
+  return {kept, weight.size(0) / groups};
 }
 
-Epilogue check_epilogue(const Problem& problem, const at::Tensor& input, const OptionalTensor& out_scale,
+Epilogue check_epilogue(int64_t out_channels, const at::Tensor& input, const OptionalTensor& out_scale,
                         const OptionalTensor& out_shift) {
   TORCH_CHECK(out_scale.has_value() == out_shift.has_value(),
               "condensed_conv: out_scale and out_shift must be given together");
   if (!out_scale.has_value()) return {};
   for (const auto* affine : {&*out_scale, &*out_shift}) {
-    TORCH_CHECK(affine->dim() == 1 && affine->numel() == problem.out_channels() &&
+    TORCH_CHECK(affine->dim() == 1 && affine->numel() == out_channels &&
                     at::isFloatingType(affine->scalar_type()),
                 "condensed_conv: out_scale and out_shift must be floating 1-D tensors of out_channels=",
-                problem.out_channels(), " elements, got shape ", affine->sizes());
+                out_channels, " elements, got shape ", affine->sizes());
     TORCH_CHECK(affine->device() == input.device(), "condensed_conv: out_scale and out_shift must be on the input's "
                 "device ", input.device(), ", got one on ", affine->device());
   }
@@ -77,34 +64,56 @@ Epilogue check_epilogue(const Problem& problem, const at::Tensor& input, const O
 }
 
 // One GEMM per group, through ATen: the packed result in result_layout().
-at::Tensor grouped_gemm(const Problem& p, const at::Tensor& operand, const at::Tensor& weight) {
-  const at::Tensor grouped_weight = weight.reshape({p.groups, p.per_group_out, p.kept});
-  if (p.pixel_major) return at::bmm(operand.view({p.groups, p.pixels(), p.kept}), grouped_weight.transpose(1, 2));
-  return at::bmm(grouped_weight, operand.view({p.groups, p.kept, p.pixels()}));
+at::Tensor grouped_gemm(const Call& call, const at::Tensor& operand) {
+  const at::Tensor grouped_weight = call.weight.view({call.groups, call.per_group_out, call.kept});
+  if (call.pixel_major) {
+    return at::bmm(operand.view({call.groups, call.pixels(), call.kept}), grouped_weight.transpose(1, 2));
+  }
+  return at::bmm(grouped_weight, operand.view({call.groups, call.kept, call.pixels()}));
 }
 
 }  // namespace
 
-// The whole op: gather + BN + ReLU into the packed operand, one GEMM per group, shuffled scatter.
-at::Tensor run(const Kernels& kernels, const at::Tensor& input_arg, const at::Tensor& index,
-               const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight, int64_t groups,
-               const OptionalTensor& out_scale, const OptionalTensor& out_shift) {
-  const Problem problem = check_arguments(input_arg, index, scale, shift, weight, groups);
-  const Epilogue epilogue = check_epilogue(problem, input_arg, out_scale, out_shift);
-  const auto format = problem.pixel_major ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  // A new tensor in `format`: its H and W strides merge, as the scatter's PlaneStrides needs.
-  at::Tensor out = at::empty({problem.batch, problem.out_channels(), problem.height, problem.width},
-                             input_arg.options().memory_format(format));
-  if (out.numel() == 0) return out;
-  const at::Tensor input = spatial_dims_merge(input_arg) ? input_arg : input_arg.contiguous(format);
-  const auto acc_type = stats_dtype(input.scalar_type());
+PlaneStrides plane_strides(const at::Tensor& t) {
+  const int64_t pixel_stride = t.size(3) == 1 ? t.stride(2) : t.stride(3);
+  return {t.stride(0), t.stride(1), pixel_stride, t.size(2) * t.size(3)};
+}
 
-  at::Tensor operand = at::empty({problem.groups * problem.kept * problem.pixels()}, input.options());
-  kernels.gather(input, plane_strides(input), index.contiguous(), scale.to(acc_type).contiguous(),
-                 shift.to(acc_type).contiguous(), operand, problem.operand_layout());
-  const at::Tensor result = grouped_gemm(problem, operand, weight).contiguous();
-  kernels.scatter(result, problem.result_layout(), problem.groups, epilogue, out, plane_strides(out));
-  return out;
+Call prepare(const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale, const at::Tensor& shift,
+             const at::Tensor& weight, int64_t groups, const OptionalTensor& out_scale,
+             const OptionalTensor& out_shift) {
+  const auto [kept, per_group_out] = check_arguments(input, index, scale, shift, weight, groups);
+  const bool pixel_major = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  const auto format = pixel_major ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto acc_type = stats_dtype(input.scalar_type());
+  Call call;
+  call.input = spatial_dims_merge(input) ? input : input.contiguous(format);
+  call.index = index.contiguous();
+  call.scale = scale.to(acc_type).contiguous();
+  call.shift = shift.to(acc_type).contiguous();
+  call.weight = weight.reshape({weight.size(0), kept}).contiguous();
+  call.epilogue = check_epilogue(groups * per_group_out, input, out_scale, out_shift);
+  // A new tensor in `format`: its H and W strides merge, as the scatter's PlaneStrides needs.
+  call.out = at::empty({input.size(0), groups * per_group_out, input.size(2), input.size(3)},
+                       input.options().memory_format(format));
+  call.groups = groups;
+  call.kept = kept;
+  call.per_group_out = per_group_out;
+  call.pixel_major = pixel_major;
+  return call;
+}
+
+at::Tensor run(const Kernels& kernels, const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
+               const at::Tensor& shift, const at::Tensor& weight, int64_t groups, const OptionalTensor& out_scale,
+               const OptionalTensor& out_shift) {
+  Call call = prepare(input, index, scale, shift, weight, groups, out_scale, out_shift);
+  if (call.out.numel() == 0) return call.out;
+  at::Tensor operand = at::empty({call.groups * call.kept * call.pixels()}, call.input.options());
+  kernels.gather(call.input, plane_strides(call.input), call.index, call.scale, call.shift, operand,
+                 call.operand_layout());
+  const at::Tensor result = grouped_gemm(call, operand).contiguous();
+  kernels.scatter(result, call.result_layout(), call.groups, call.epilogue, call.out, plane_strides(call.out));
+  return call.out;
 }
 
 }  // namespace condense

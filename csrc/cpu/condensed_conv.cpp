@@ -7,11 +7,11 @@
 
 namespace dense_ops {
 namespace baseline {
-const condense::Kernels& condensed_kernels();
+at::Tensor condensed_conv(const condense::Call& call);
 }
 #ifdef DENSE_OPS_HAVE_AVX2_KERNELS
 namespace avx2 {
-const condense::Kernels& condensed_kernels();
+at::Tensor condensed_conv(const condense::Call& call);
 }
 #endif
 
@@ -20,12 +20,11 @@ namespace {
 at::Tensor condensed_conv_cpu(const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
                               const at::Tensor& shift, const at::Tensor& weight, int64_t groups,
                               const condense::OptionalTensor& out_scale, const condense::OptionalTensor& out_shift) {
+  const condense::Call call = condense::prepare(input, index, scale, shift, weight, groups, out_scale, out_shift);
 #ifdef DENSE_OPS_HAVE_AVX2_KERNELS
-  const condense::Kernels& kernels = use_avx2_kernels() ? avx2::condensed_kernels() : baseline::condensed_kernels();
-#else
-  const condense::Kernels& kernels = baseline::condensed_kernels();
+  if (use_avx2_kernels()) return avx2::condensed_conv(call);
 #endif
-  return condense::run(kernels, input, index, scale, shift, weight, groups, out_scale, out_shift);
+  return baseline::condensed_conv(call);
 }
 
 }  // namespace
