@@ -5,7 +5,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from .workloads import ALL_IMPLEMENTATIONS, BASELINE, COMPILED, describe
+from .workloads import ALL_IMPLEMENTATIONS, BASELINE, COMPILED, FUSED_CONDENSENET, describe
 
 MIB = 2**20
 
@@ -74,14 +74,18 @@ def _compile_text(record: dict) -> str:
 
 def comparison_table(group: list[dict]) -> tuple[list[str], list[list[str]]]:
     """One row per implementation: memory and time, each also as a ratio to naive; with compiled rows,
-    the time against torch.compile(naive) too and the compile column."""
+    the time against torch.compile(naive) too and the compile column; with the fused CondenseNet, how
+    much faster it is than each row."""
     baseline = next((r for r in group if r["impl"] == BASELINE), None)
     compiled_naive = next((r for r in group if r["impl"] == COMPILED_BASELINE), None)
+    fused = next((r for r in group if r["impl"] == FUSED_CONDENSENET), None)
+    fused_time = _median(fused) if fused else None
     base_peak = _peak(baseline) if baseline else None
     base_time = _median(baseline) if baseline else None
     compiled_time = _median(compiled_naive) if compiled_naive else None
     any_compiled = any("compile" in r["result"] for r in group)
-    headers = COMPARISON_HEADERS + (COMPILE_HEADERS if any_compiled else []) + ["check"]
+    headers = (COMPARISON_HEADERS + (COMPILE_HEADERS if any_compiled else [])
+               + ([FUSED_SPEEDUP_HEADER] if fused else []) + ["check"])
     rows = []
     for record in sorted(group, key=lambda r: ALL_IMPLEMENTATIONS.index(r["impl"])):
         peak, median = _peak(record), _median(record)
@@ -91,12 +95,15 @@ def comparison_table(group: list[dict]) -> tuple[list[str], list[list[str]]]:
                f"{times['min'] * 1e3:.1f}-{times['max'] * 1e3:.1f}" if times else "-", _ratio(median, base_time)]
         if any_compiled:
             row += [_ratio(median, compiled_time), _compile_text(record)]
+        if fused:
+            row.append(_ratio(median, fused_time))
         rows.append(row + [_check_text(record)])
     return headers, rows
 
 
 COMPARISON_HEADERS = ["implementation", "peak MiB", "mem vs naive", "median ms", "min-max ms", "time vs naive"]
 COMPILE_HEADERS = ["time vs naive+compile", "compile: 1st step"]
+FUSED_SPEEDUP_HEADER = f"{FUSED_CONDENSENET} faster by"
 COMPILED_BASELINE = BASELINE + COMPILED
 
 

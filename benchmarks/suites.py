@@ -121,11 +121,15 @@ def inference(options) -> list[dict]:
 
 def condensenet(options) -> list[dict]:
     """Inference of the converted CondenseNet-74 (C=G=4): the fused op against the official
-    converted form and the masked training-time model."""
+    converted form, the masked training-time model and torchvision's densenet121."""
     sizes = SIZES[options.size]["condensenet"]
     shapes = [{"batch": batch, "size": sizes["size"]} for batch in sizes["batches"]]
-    return _configs("condensenet", "condensenet74", shapes, CONDENSENET_IMPLEMENTATIONS, ["contiguous"], "eval",
-                    options)
+    configs = _configs("condensenet", "condensenet74", shapes, CONDENSENET_IMPLEMENTATIONS, ["contiguous"], "eval",
+                       options)
+    for config in configs:
+        if config["impl"] == "torchvision/densenet121":
+            config.update(check=False, unchecked_because="another network: the speed reference")
+    return configs
 
 
 SUITES = {"block": block, "densenet_bc100": densenet_bc100, "densenet121": densenet121, "depth": depth,

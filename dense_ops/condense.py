@@ -181,6 +181,26 @@ def fold_batch_norm(norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return ops.fold_batch_norm(norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps)
 
 
+class FoldedNormCache:
+    """fold_batch_norm(norm), cached until one of the BN's tensors changes: its storage (replaced,
+    moved, cast) or, in place, its version counter. Inference tensors have no version counter, and
+    compiled graphs fold the BN once themselves: those fold on every call."""
+
+    def __init__(self):
+        self._key, self._value = None, None
+
+    def __call__(self, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+        tensors = [t for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var) if t is not None]
+        if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
+            return fold_batch_norm(norm)
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors) + (norm.eps,)
+        if self._key != key:
+            with torch.no_grad():
+                self._value = fold_batch_norm(norm)
+            self._key = key
+        return self._value
+
+
 def unfused_condensed_conv(input: torch.Tensor, index: torch.Tensor, norm: nn.BatchNorm2d, weight: torch.Tensor,
                            groups: int) -> torch.Tensor:
     """CondenseNet's inference layer step by step, as the official code runs it: index_select -> BN ->
@@ -211,7 +231,8 @@ class CondensedConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_channels, kept_per_group, 1, 1))
         nn.init.kaiming_normal_(self.weight)
         self.register_buffer("index", torch.arange(groups * kept_per_group) % in_channels)
-        self._folded, self._folded_key = None, None  # folded_norm's cache
+        self._folded = FoldedNormCache()  # of self.norm
+        self._next_folded = FoldedNormCache()  # of forward_bn_relu's norm
 
     @classmethod
     def from_learned(cls, layer: LearnedGroupConv) -> "CondensedConv":
@@ -234,19 +255,8 @@ class CondensedConv(nn.Module):
         return new.to(layer.conv.weight.dtype)
 
     def folded_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The eval-mode BN as one affine map per gathered channel: (scale, shift). Cached until a
-        BN tensor's storage changes (replaced, moved, cast) or it is changed in place (its version
-        counter moves)."""
-        if torch.compiler.is_compiling():  # compiled graphs fold it once themselves
-            return fold_batch_norm(self.norm)
-        norm = self.norm
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var)
-                    if t is not None) + (norm.eps,)
-        if self._folded_key != key:
-            with torch.no_grad():
-                self._folded = fold_batch_norm(norm)
-            self._folded_key = key
-        return self._folded
+        """The eval-mode BN as one affine map per gathered channel: (scale, shift), cached (FoldedNormCache)."""
+        return self._folded(self.norm)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -284,7 +294,7 @@ class CondensedConv(nn.Module):
         if self._needs_unfused(x, norm) or norm.running_mean is None:  # no running stats: nothing to fold
             return F.relu(norm(self(x)))
         scale, shift = self.folded_norm()
-        return ops.condensed_conv(x, self.index, scale, shift, self.weight, self.groups, *fold_batch_norm(norm))
+        return ops.condensed_conv(x, self.index, scale, shift, self.weight, self.groups, *self._next_folded(norm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The fused op's output, or the step-by-step path's when gradients or training mode need it."""

@@ -9,7 +9,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EAGER_TRAINING = ("naive", "checkpoint", "dense_ops/bn_relu", "dense_ops/bottleneck")
-CONDENSENET = ("naive", "naive+model_choices", "masked", "dense_ops/fused")
+CONDENSENET = ("naive", "naive+model_choices", "masked", "dense_ops/fused", "torchvision/densenet121")
 
 
 def run_benchmarks(out: Path, *options: str) -> dict:
@@ -40,6 +40,7 @@ def test_benchmark_smoke_run_checks_every_implementation(tmp_path):
     assert_measured_and_checked(records)
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.count("|") > 10
+    assert "| dense_ops/fused faster by |" in markdown  # against every CondenseNet row and densenet121
     assert markdown.count(results["machine"]["git_commit"][:12]) == markdown.count("\n## ") + 1  # every table
     assert (tmp_path / "bars_block_block.png").stat().st_size > 0
 

@@ -67,6 +67,24 @@ def test_condensed_conv_matches_reference(device, dtype, layout):
         assert actual.is_contiguous(memory_format=torch.channels_last)
 
 
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "spatial_stride"])
+def test_condensed_conv_matches_reference_across_pixel_tiles(layout):
+    """The CPU kernel works on tiles of a few hundred pixels here (64 kept + 16 output rows of
+    float64 each): tiles that start and end inside images, and a short last one."""
+    layer = condensed_layer(in_channels=96, out_channels=64, groups=4, kept=64)
+    x = torch.randn(3, 96, 38, 29, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    if layout == "spatial_stride":
+        x = x[:, :, ::2, 1::2]
+    following = randomize(nn.BatchNorm2d(64)).to(torch.float64).eval()
+    with torch.no_grad():
+        expected = reference.condensed_conv(x, layer.index, layer.norm, layer.weight, layer.groups)
+        torch.testing.assert_close(dense_ops.ops.condensed_conv(x, *op_args(layer)), expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(layer.forward_bn_relu(x, following), torch.relu(following(expected)),
+                                   rtol=1e-12, atol=1e-12)
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_condensed_conv_applies_the_next_batch_norm_and_relu(device, channels_last):
@@ -585,3 +603,28 @@ def test_folded_norm_is_cached_until_the_norm_changes():
     assert not torch.allclose(refolded[0], scale)
     layer.float()  # a cast replaces the storage
     assert layer.folded_norm()[0].dtype == torch.float32
+
+
+def test_forward_bn_relu_refolds_the_next_norm_when_it_changes():
+    layer = condensed_layer()
+    following = randomize(nn.BatchNorm2d(layer.out_channels)).to(torch.float64).eval()
+    x = torch.randn(2, 12, 3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        layer.forward_bn_relu(x, following)
+        following.running_mean.add_(1.0)  # in place: the cached fold is stale
+        torch.testing.assert_close(layer.forward_bn_relu(x, following), torch.relu(following(layer(x))))
+
+
+def test_condensed_model_built_under_inference_mode():
+    """Parameters created under torch.inference_mode() have no version counter to cache against:
+    the folded BN is computed on every call, and changes made in place still count."""
+    with torch.inference_mode():
+        layer = condensed_layer()
+        following = randomize(nn.BatchNorm2d(layer.out_channels)).to(torch.float64).eval()
+        x = torch.randn(2, 12, 3, 4, dtype=torch.float64)
+        expected = torch.relu(following(reference.condensed_conv(x, layer.index, layer.norm, layer.weight,
+                                                                 layer.groups)))
+        torch.testing.assert_close(layer.forward_bn_relu(x, following), expected, rtol=1e-12, atol=1e-12)
+        layer.norm.running_var.mul_(4)
+        expected = reference.condensed_conv(x, layer.index, layer.norm, layer.weight, layer.groups)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)

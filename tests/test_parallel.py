@@ -87,3 +87,23 @@ def test_baseline_isa_kernels_pass_the_reference_tests():
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not cuda"] + selected,
                           cwd=tests_dir, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("epilogue", [False, True])
+def test_condensed_conv_is_bitwise_identical_for_any_thread_count(channels_last, epilogue, restore_threads):
+    # 3 x 70 x 90 pixels and 2 groups: several pixel tiles per group, tiles crossing image borders.
+    groups, kept, out_channels = 2, 24, 16
+    x = torch.randn(3, 40, 70, 90)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    args = (torch.randint(0, 40, (groups * kept,)), torch.rand(groups * kept) + 0.5, torch.randn(groups * kept),
+            torch.randn(out_channels, kept), groups)
+    if epilogue:
+        args += (torch.rand(out_channels) + 0.5, torch.randn(out_channels))
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results.append(dense_ops.ops.condensed_conv(x, *args))
+    for got in results[1:]:
+        assert torch.equal(got, results[0])
