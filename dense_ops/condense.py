@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from ._common import check_positive, needs_grad
+from ._common import DerivedTensorCache, check_positive, needs_grad_through
 
 
 def condensation_stage(progress: float, condense_factor: int) -> int:
@@ -181,24 +181,10 @@ def fold_batch_norm(norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return ops.fold_batch_norm(norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps)
 
 
-class FoldedNormCache:
-    """fold_batch_norm(norm), cached until one of the BN's tensors changes: its storage (replaced,
-    moved, cast) or, in place, its version counter. Inference tensors have no version counter, and
-    compiled graphs fold the BN once themselves: those fold on every call."""
-
-    def __init__(self):
-        self._key, self._value = None, None
-
-    def __call__(self, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-        tensors = [t for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var) if t is not None]
-        if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
-            return fold_batch_norm(norm)
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors) + (norm.eps,)
-        if self._key != key:
-            with torch.no_grad():
-                self._value = fold_batch_norm(norm)
-            self._key = key
-        return self._value
+def cached_fold(cache: DerivedTensorCache, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """fold_batch_norm(norm), kept in `cache` until one of the BN's tensors changes."""
+    tensors = [t for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var) if t is not None]
+    return cache.get(tensors, lambda: fold_batch_norm(norm), norm.eps)
 
 
 def unfused_condensed_conv(input: torch.Tensor, index: torch.Tensor, norm: nn.BatchNorm2d, weight: torch.Tensor,
@@ -231,8 +217,8 @@ class CondensedConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_channels, kept_per_group, 1, 1))
         nn.init.kaiming_normal_(self.weight)
         self.register_buffer("index", torch.arange(groups * kept_per_group) % in_channels)
-        self._folded = FoldedNormCache()  # of self.norm
-        self._next_folded = FoldedNormCache()  # of forward_bn_relu's norm
+        self._folded = DerivedTensorCache()  # of self.norm
+        self._next_folded = DerivedTensorCache()  # of forward_bn_relu's norm
 
     @classmethod
     def from_learned(cls, layer: LearnedGroupConv) -> "CondensedConv":
@@ -255,8 +241,9 @@ class CondensedConv(nn.Module):
         return new.to(layer.conv.weight.dtype)
 
     def folded_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The eval-mode BN as one affine map per gathered channel: (scale, shift), cached (FoldedNormCache)."""
-        return self._folded(self.norm)
+        """The eval-mode BN as one affine map per gathered channel: (scale, shift), cached until a BN
+        tensor changes (DerivedTensorCache)."""
+        return cached_fold(self._folded, self.norm)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -281,7 +268,7 @@ class CondensedConv(nn.Module):
 
     def _needs_unfused(self, x: torch.Tensor, *modules: nn.Module) -> bool:
         modules = (self, *modules)
-        return any(m.training for m in modules) or needs_grad(x, *(p for m in modules for p in m.parameters()))
+        return any(m.training for m in modules) or needs_grad_through(x, *modules)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -294,7 +281,7 @@ class CondensedConv(nn.Module):
         if self._needs_unfused(x, norm) or norm.running_mean is None:  # no running stats: nothing to fold
             return F.relu(norm(self(x)))
         scale, shift = self.folded_norm()
-        return ops.condensed_conv(x, self.index, scale, shift, self.weight, self.groups, *self._next_folded(norm))
+        return ops.condensed_conv(x, self.index, scale, shift, self.weight, self.groups, *cached_fold(self._next_folded, norm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The fused op's output, or the step-by-step path's when gradients or training mode need it."""

@@ -14,7 +14,7 @@ import dense_ops
 from dense_ops import CondensedConv, CondensedLinear, LearnedGroupConv, condense, group_lasso_loss, reference
 from dense_ops.condense import _learned_group_convs as learned_group_convs, condensation_stage, fold_batch_norm
 from dense_ops.models import condensenet74, condensenet_cifar
-from dense_ops.models.condensenet import average_pool_2x2_into, block_diagonal
+from dense_ops.models.condensenet import GroupConv2d, average_pool_2x2_into, block_diagonal
 from dense_ops.flops import count_flops_params
 from conftest import DEVICES
 from helpers import randomize_batch_norms as randomize
@@ -506,6 +506,18 @@ def test_block_diagonal_weight_equals_grouped_conv():
     torch.testing.assert_close(nn.functional.conv2d(x, dense, padding=1),
                                nn.functional.conv2d(x, weight, padding=1, groups=3))
 
+
+
+def test_group_conv_as_dense_follows_its_weight():
+    conv = GroupConv2d(12, 6, kernel_size=3, padding=1, groups=3, bias=False).double()
+    x = torch.randn(2, 12, 7, 5, dtype=torch.float64)
+    for _ in range(2):
+        with torch.no_grad():
+            torch.testing.assert_close(conv(x, as_dense=True), conv(x))
+            conv.weight.mul_(-2.0)  # in place: the cached dense weight must follow
+    y = conv(x, as_dense=True)  # with autograd: the grouped conv, and gradients reach the weight
+    y.sum().backward()
+    assert conv.weight.grad is not None
 
 @pytest.mark.parametrize("size", [(8, 6), (7, 9)])
 def test_average_pool_into_a_channel_slice(size):

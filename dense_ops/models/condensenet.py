@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._prims_common import suggest_memory_format
 
-from .._common import check_positive, has_hooks, needs_grad
+from .._common import DerivedTensorCache, check_positive, has_hooks, needs_grad, needs_grad_through
 from ..condense import CondensedConv, LearnedGroupConv
 
 INIT_MODES = ("fan_in", "fan_out")
@@ -48,13 +48,18 @@ def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 class GroupConv2d(nn.Conv2d):
-    """nn.Conv2d (zero padding) that can run a grouped conv as the equal dense conv (`as_dense=True`)."""
+    """nn.Conv2d (zero padding) that can run a grouped conv as the equal dense conv (`as_dense=True`,
+    without autograd: the dense weight is cached until the weight changes)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._dense_weight = DerivedTensorCache()
 
     def forward(self, x: torch.Tensor, as_dense: bool = False) -> torch.Tensor:
-        if not as_dense or self.groups == 1:
+        if not as_dense or self.groups == 1 or needs_grad(x, self.weight):
             return super().forward(x)
-        return F.conv2d(x, block_diagonal(self.weight, self.groups), self.bias, self.stride, self.padding,
-                        self.dilation)
+        dense = self._dense_weight.get([self.weight], lambda: block_diagonal(self.weight, self.groups), self.groups)
+        return F.conv2d(x, dense, self.bias, self.stride, self.padding, self.dilation)
 
 
 @dataclass(frozen=True)
@@ -150,7 +155,7 @@ class CondenseBlock(nn.ModuleDict):
             self.add_module(f"denselayer_{i + 1}", CondenseLayer(in_channels + i * growth_rate, growth_rate, options))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.preallocate and not needs_grad(x, *self.parameters()):
+        if self.preallocate and not needs_grad_through(x, self):
             with torch.no_grad():  # changes nothing here, but spares the layers the same check
                 return self._forward_into_buffer(x)
         for layer in self.values():
@@ -233,7 +238,7 @@ class CondenseNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if needs_grad(x, *self.parameters()):
+        if needs_grad_through(x, self):
             features = self.features(x)
         else:
             with torch.no_grad():  # changes nothing here, but spares every module below the same check
