@@ -5,7 +5,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from .workloads import ALL_IMPLEMENTATIONS, BASELINE, COMPILED, FUSED_CONDENSENET, describe
+from .workloads import ALL_IMPLEMENTATIONS, BASELINE, COMPILED, FUSED_CONDENSENET, describe, split_compiled
 
 MIB = 2**20
 
@@ -60,16 +60,19 @@ def _check_text(record: dict) -> str:
 def _compile_text(record: dict) -> str:
     """A compiled row's first step (compilation included) in the memory process, and what it compiled."""
     result = record["result"]
-    stats = result.get("compile")
+    times = result.get("time_s") or {}
+    stats = result.get("compile") or times.get("compile")  # the time process's when memory was not measured
     if stats is None:
         return "-"
     cache = "cold" if stats["inductor_cache_misses"] else "inductor cache hit"
     notes = [f"{stats['graphs']} graph{'s' if stats['graphs'] != 1 else ''}"]
     if stats["graph_breaks"]:
         notes.append(f"{stats['graph_breaks']} graph breaks")
-    if stats["graphs_after_measured_step"] != stats["graphs"]:
+    later = stats.get("graphs_after_measured_step", stats.get("graphs_after_timed_steps"))
+    if later != stats["graphs"]:
         notes.append("recompiled after the first step")
-    return f"{result['first_step_s']:.1f} s, {cache} ({', '.join(notes)})"
+    first_step = result.get("first_step_s", times.get("first_step"))
+    return f"{first_step:.1f} s, {cache} ({', '.join(notes)})"
 
 
 def comparison_table(group: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -83,7 +86,7 @@ def comparison_table(group: list[dict]) -> tuple[list[str], list[list[str]]]:
     base_peak = _peak(baseline) if baseline else None
     base_time = _median(baseline) if baseline else None
     compiled_time = _median(compiled_naive) if compiled_naive else None
-    any_compiled = any("compile" in r["result"] for r in group)
+    any_compiled = any(split_compiled(r["impl"])[1] for r in group)
     headers = (COMPARISON_HEADERS + (COMPILE_HEADERS if any_compiled else [])
                + ([FUSED_SPEEDUP_HEADER] if fused else []) + ["check"])
     rows = []

@@ -37,9 +37,11 @@ def fork_server():
 
 def run_one(config: dict, timeout_s: float) -> dict:
     """Correctness and memory in one fresh process, then time in another (see benchmarks.measure);
-    only the first for a configuration with "timed": False."""
+    only the first for a configuration with "timed": False, only the second with "memory": False."""
     wall_s = {}  # what each process cost, its start included: for estimating a run's duration
-    result, wall_s["memory"] = _timed_run("memory", config, timeout_s)
+    result = {}
+    if config.get("memory", True):
+        result, wall_s["memory"] = _timed_run("memory", config, timeout_s)
     if "error" not in result and config.get("timed", True):
         timing, wall_s["time"] = _timed_run("time", config, timeout_s)
         result.update(timing)

@@ -12,8 +12,9 @@ from .workloads import (COMPILED_IMPLEMENTATIONS, CONDENSENET_IMPLEMENTATIONS, I
 # must stay under 3 minutes on 2 quiet CPU cores with 10 timed steps per row: it keeps the layers and
 # maps but runs smaller batches (memory and time both scale with N, so the ratios to naive hold), the
 # suites of issue 14's targets only (block, DenseNet-BC-100, CondenseNet, the depth sweep's memory)
-# and one compile row, torch.compile(naive), whose float64 check (a second compilation) it skips:
-# the warm dynamo trace alone of a compiled naive DenseNet-BC-100 costs some 15 s per process.
+# and one compile row, torch.compile(naive), which it only times (no float64 check, a second
+# compilation, and no memory process): the warm dynamo trace alone of a compiled naive
+# DenseNet-BC-100 costs some 15 s per process.
 # "smoke" is tiny: seconds per configuration, for checking the benchmark machinery only.
 # "training": the rows of each training suite. The depth sweep runs blocks at the 8x8 resolution
 # of a CIFAR DenseNet's last block, C0 = 2k; "timed": whether its rows are timed too (else memory
@@ -67,11 +68,13 @@ def _configs(suite: str, workload: str, shapes, impls, formats, mode: str, optio
 
 
 def _with_check(config: dict, options) -> dict:
-    """Every row is checked against naive in float64, but compiled rows in --quick: there the check
-    would compile a second (float64) model, which costs as much again as the row itself."""
+    """Every row is checked against naive in float64 and its peak memory measured, but compiled rows
+    in --quick: each of those costs a compilation (or a load from inductor's cache: 45 s for
+    DenseNet-BC-100 here) per process, so --quick only times them."""
     if split_compiled(config["impl"])[1] and not SIZES[options.size]["check_compiled"]:
-        return dict(config, check=False, unchecked_because=f"--{options.size} skips the float64 check of compiled "
-                                                           "rows; --smoke and --full run it")
+        return dict(config, check=False, memory=False,
+                    unchecked_because=f"--{options.size} only times compiled rows; --smoke and --full check them "
+                                      "and measure their memory")
     return dict(config, check=True)
 
 

@@ -75,3 +75,16 @@ def test_compiled_rows_are_checked_and_state_their_compile_time(tmp_path):
             assert compiled["graphs"] >= 1 and compiled["graphs_after_measured_step"] == compiled["graphs"]
             assert record["result"]["first_step_s"] > record["result"]["time_s"]["median"]  # the compilation
     assert "compile: 1st step" in (tmp_path / "results.md").read_text()
+
+
+def test_quick_set_only_times_compiled_rows():
+    """Each process of a compiled row pays a compilation or a cache load (45 s for DenseNet-BC-100):
+    --quick skips the memory process (and with it the float64 check) of those rows, and of no other."""
+    from benchmarks.__main__ import parse_args
+    from benchmarks.suites import SIZES, SUITES
+    from benchmarks.workloads import split_compiled
+    args = parse_args(["--quick"])
+    configs = [config for name in SIZES["quick"]["suites"] for config in SUITES[name](args)]
+    compiled = [c for c in configs if split_compiled(c["impl"])[1]]
+    assert compiled and all(c["memory"] is False and c["check"] is False for c in compiled)
+    assert all(c.get("memory", True) for c in configs if not split_compiled(c["impl"])[1])
