@@ -10,9 +10,9 @@ parameter names are the official code's (``load_official_condensenet`` loads its
 In inference (no gradient needed: grad mode off, or neither the input nor any parameter requires
 grad, as in the output of ``dense_ops.condense``), a block writes every layer's new features into
 one preallocated [N, C_total, H, W] buffer and each layer reads a prefix view of it: no torch.cat;
-the 2x2 transition pools are strided adds (average_pool_2x2_into), and on CPU thin-group 3x3 convs
-run as dense block-diagonal convs (see THIN_GROUP_INPUTS). Training concatenates, since autograd needs the
-earlier layers' inputs unchanged. ``reference.unfused_condensenet`` turns all of this off.
+the 2x2 transition pools are strided adds (average_pool_2x2_into), and on CPU small thin-group 3x3
+convs run as dense block-diagonal convs (see THIN_GROUP_INPUTS). Training concatenates, since
+autograd needs the earlier layers' inputs unchanged. ``reference.unfused_condensenet`` turns all of this off.
 """
 from __future__ import annotations
 
@@ -29,11 +29,14 @@ from .._common import DerivedTensorCache, check_positive, has_hooks, needs_grad,
 from ..condense import CondensedConv, LearnedGroupConv
 
 INIT_MODES = ("fan_in", "fan_out")
-# CPU inference runs a grouped 3x3 conv with at most this many input channels per group as one dense
-# conv with a block-diagonal weight: oneDNN's grouped kernel is about 2x slower than that dense conv
-# for such thin groups (stage 1 of CondenseNet-74: 8 inputs, 2 outputs per group, 112x112), and the
-# zero blocks only add exact zeros. Wider groups keep the grouped kernel (the dense one is slower).
+# CPU inference runs a small grouped 3x3 conv with at most THIN_GROUP_INPUTS input channels per
+# group and at most THIN_GROUP_PIXELS pixels (N*H*W) as one dense conv with a block-diagonal weight:
+# oneDNN's grouped kernel has a fixed cost that makes it about 1.5x slower than that dense conv on
+# one 112x112 image of CondenseNet-74's stage 1 (8 inputs, 2 outputs per group), while from two
+# images on the dense conv's 4x multiply-adds cost more (measured here: 1.3x slower at N=32). Wider
+# groups keep the grouped kernel. The zero blocks only add exact zeros.
 THIN_GROUP_INPUTS = 8
+THIN_GROUP_PIXELS = 112 * 112
 
 
 def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -97,13 +100,14 @@ class CondenseLayer(nn.Module):
 
     def inference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """forward() when no gradient is needed: a condensed conv_1 applies conv_2's BN and ReLU as it writes
-        its output, and a thin-group 3x3 conv on CPU runs as a dense one."""
+        its output, and a small thin-group 3x3 conv on CPU runs as a dense one."""
         if isinstance(self.conv_1, CondensedConv) and not has_hooks(self.conv_1, self.conv_2.norm, self.conv_2.relu):
             z = self.conv_1.forward_bn_relu(x, self.conv_2.norm)
         else:
             z = self.conv_2.relu(self.conv_2.norm(self.conv_1(x)))
         conv = self.conv_2.conv
-        thin = x.device.type == "cpu" and conv.groups > 1 and conv.in_channels // conv.groups <= THIN_GROUP_INPUTS
+        thin = (x.device.type == "cpu" and conv.groups > 1 and conv.in_channels // conv.groups <= THIN_GROUP_INPUTS
+                and z.shape[0] * z.shape[2] * z.shape[3] <= THIN_GROUP_PIXELS)
         return conv(z, as_dense=thin)
 
 
