@@ -281,7 +281,8 @@ class CondensedConv(nn.Module):
         if self._needs_unfused(x, norm) or norm.running_mean is None:  # no running stats: nothing to fold
             return F.relu(norm(self(x)))
         scale, shift = self.folded_norm()
-        return ops.condensed_conv(x, self.index, scale, shift, self.weight, self.groups, *cached_fold(self._next_folded, norm))
+        out_scale, out_shift = cached_fold(self._next_folded, norm)
+        return ops.condensed_conv(x, self.index, scale, shift, self.weight, self.groups, out_scale, out_shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The fused op's output, or the step-by-step path's when gradients or training mode need it."""
