@@ -67,12 +67,13 @@ def dense_block(input: torch.Tensor, layer_params: Sequence[torch.Tensor], *, bo
         F._verify_batch_size(input.size())
 
     params = list(layer_params)
-    low_precision = _autocast_dtype(input.device.type)
-    if low_precision is not None:
-        # Autocast runs convolutions in low precision and batch norm in float32. The input may
-        # already be low precision (an earlier conv ran under autocast); the weights still need the cast.
-        input = input.to(low_precision)
-        params = [p.to(low_precision) if p.dim() == 4 else p for p in params]
+    if _autocast_dtype(input.device.type) is not None:
+        # Autocast runs convolutions in low precision and batch norm in float32, and leaves float64
+        # alone. The input may already be low precision (an earlier conv ran under autocast); the
+        # weights still need the cast.
+        device_type = input.device.type
+        input = ops.autocast_operand(input, device_type)
+        params = [ops.autocast_operand(p, device_type) if p.dim() == 4 else p for p in params]
 
     dropout_mask = None
     if (training if dropout_training is None else dropout_training) and drop_rate > 0:

@@ -290,7 +290,9 @@ _AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
 _autocast_library = torch.library.Library("dense_ops", "IMPL")  # kept alive: it holds the registrations
 
 
-def _autocast_operand(t, device_type):
+def autocast_operand(t, device_type):
+    """`t` as autocast passes it to a low-precision op: float32/float16/bfloat16 tensors of the
+    autocast device in its dtype, float64 and the rest unchanged."""
     if not t.is_floating_point() or t.dtype == torch.float64 or t.device.type != device_type:
         return t
     return t.to(torch.get_autocast_dtype(device_type))
@@ -298,7 +300,7 @@ def _autocast_operand(t, device_type):
 
 def _condensed_conv_autocast(device_type):
     def kernel(input, index, scale, shift, weight, groups, out_scale=None, out_shift=None):
-        input, weight = _autocast_operand(input, device_type), _autocast_operand(weight, device_type)
+        input, weight = autocast_operand(input, device_type), autocast_operand(weight, device_type)
         with torch.autocast(device_type, enabled=False):
             return torch.ops.dense_ops.condensed_conv(input, index, scale, shift, weight, groups, out_scale, out_shift)
     return kernel

@@ -95,6 +95,19 @@ def test_autocast_bfloat16_close_to_naive(bottleneck):
         torch.testing.assert_close(mine, theirs, atol=2e-2, rtol=2e-2, msg=name)
 
 
+
+@pytest.mark.parametrize("training", [True, False])
+def test_float64_model_under_autocast_stays_float64_like_naive(training):
+    """Autocast leaves float64 tensors alone (the naive model then runs in float64): so must our blocks."""
+    ours, naive = tiny_pair()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    for model in (ours, naive):
+        model.train(training)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, naive(x), atol=1e-10, rtol=0)
+
 def test_deepcopy_and_save_load_whole_model_and_state_dict():
     ours, naive = tiny_pair()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
