@@ -60,6 +60,17 @@ struct BnKernels {
   void (*bn_input_grad)(const at::Tensor& x, const BnParams& stats, const at::Tensor& accumulated,
                         const at::Tensor& direct, const at::Tensor& proj_mean, const at::Tensor& proj_xhat,
                         const at::Tensor& out, bool channels_last);
+  // The transition's BN-ReLU-avgpool2x2 (common/bn_math.h): pooled = avg_pool2x2(relu(batch_norm(x))),
+  // pooled is [N, C, H / 2, W / 2].
+  void (*bn_relu_pool)(const at::Tensor& x, const BnParams& bn, const at::Tensor& pooled, bool channels_last);
+  // Its backward sums given grad_pooled: adds sum(dy * x_hat) and sum(dy) to sum_dy_xhat and sum_dy (float64).
+  void (*bn_relu_pool_sums)(const at::Tensor& x, const at::Tensor& grad_pooled, const BnParams& bn,
+                            const at::Tensor& sum_dy_xhat, const at::Tensor& sum_dy, bool channels_last);
+  // Its input gradient: out = scale * dy - proj_mean - x_hat * proj_xhat; the projections are
+  // undefined in eval mode (then out = scale * dy).
+  void (*bn_relu_pool_input_grad)(const at::Tensor& x, const at::Tensor& grad_pooled, const BnParams& bn,
+                                  const at::Tensor& proj_mean, const at::Tensor& proj_xhat, const at::Tensor& out,
+                                  bool channels_last);
 };
 
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor>;
@@ -79,7 +90,20 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dense_block_backward(
 void update_running_stats(at::TensorList running_mean, at::TensorList running_var, at::TensorList batch_mean,
                           at::TensorList batch_var, at::ArrayRef<double> momentum, int64_t count);
 
-// Registers the dense block ops for one dispatch key, bound to that device's kernels.
+// The transition's BN-ReLU-avgpool2x2 (transition.cpp): returns (pooled, mean, var), the batch
+// statistics in training, copies of mean and var (the running statistics) in eval mode.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_forward(const at::Tensor& input, const at::Tensor& weight,
+                                                                    const at::Tensor& bias, const at::Tensor& mean,
+                                                                    const at::Tensor& var, bool training, double eps,
+                                                                    const BnKernels& kernels);
+// Its backward with forward's mean and var: returns (grad_input (empty unless asked for),
+// grad_weight, grad_bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward(
+    const at::Tensor& grad_pooled, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& mean, const at::Tensor& var, bool training, double eps, bool input_needs_grad,
+    const BnKernels& kernels);
+
+// Registers the dense block and transition ops for one dispatch key, bound to that device's kernels.
 template <const BnKernels& (*device_kernels)()>
 void register_dense_block_ops(torch::Library& m) {
   m.impl("dense_block_forward",
@@ -104,6 +128,18 @@ void register_dense_block_ops(torch::Library& m) {
                                        device_kernels());
          });
   m.impl("update_running_stats", &update_running_stats);
+  m.impl("bn_relu_pool", [](const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                            const at::Tensor& mean, const at::Tensor& var, bool training, double eps) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return bn_relu_pool_forward(input, weight, bias, mean, var, training, eps, device_kernels());
+  });
+  m.impl("bn_relu_pool_backward",
+         [](const at::Tensor& grad_pooled, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+            const at::Tensor& mean, const at::Tensor& var, bool training, double eps, bool input_needs_grad) {
+           const at::AutoDispatchBelowADInplaceOrView below_autograd;
+           return bn_relu_pool_backward(grad_pooled, input, weight, bias, mean, var, training, eps,
+                                        input_needs_grad, device_kernels());
+         });
 }
 
 }  // namespace dense_ops

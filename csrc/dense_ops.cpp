@@ -40,6 +40,16 @@ TORCH_LIBRARY(dense_ops, m) {
   m.def(
       "update_running_stats(Tensor(a!)[] running_mean, Tensor(b!)[] running_var, Tensor[] batch_mean, "
       "Tensor[] batch_var, float[] momentum, int count) -> ()");
+  // The transition's BN-ReLU-avgpool2x2 (common/bn_math.h). Training normalizes with the batch
+  // statistics and returns them; eval mode normalizes with mean and var (the running statistics)
+  // and returns copies. Backward takes forward's mean and var; grad_input is undefined unless
+  // input_needs_grad.
+  m.def(
+      "bn_relu_pool(Tensor input, Tensor weight, Tensor bias, Tensor mean, Tensor var, bool training, float eps) "
+      "-> (Tensor pooled, Tensor mean, Tensor var)");
+  m.def(
+      "bn_relu_pool_backward(Tensor grad_pooled, Tensor input, Tensor weight, Tensor bias, Tensor mean, Tensor var, "
+      "bool training, float eps, bool input_needs_grad) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // CondenseNet's condensed 1x1 convolution (common/condense_math.h): gather index[g*K + k] for
   // group g, relu(x * scale + shift) per gathered channel, grouped GEMM with weight [O, K(, 1, 1)],
   // output channel g*D + j of the grouped conv written to its shuffled position j*groups + g;

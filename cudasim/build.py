@@ -14,7 +14,8 @@ OUT = os.environ.get("CUDASIM_OUT", os.path.join(os.path.expanduser("~"), ".cach
 
 
 # The device-generic host code, compiled as it is: it drives either set of kernels.
-GENERIC_SOURCES = ("dense_block.cpp", "block_checks.cpp", "stat_sync.cpp", "bottleneck_conv.cpp", "condensed_conv.cpp")
+GENERIC_SOURCES = ("dense_block.cpp", "block_checks.cpp", "stat_sync.cpp", "bottleneck_conv.cpp", "condensed_conv.cpp",
+                   "transition.cpp")
 
 
 def generate():

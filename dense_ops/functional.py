@@ -102,54 +102,48 @@ def transition(input: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.
     """torchvision's transition, BN-ReLU-conv1x1-avgpool2x2, computed as BN-ReLU-avgpool2x2-conv1x1.
 
     A 1x1 convolution and a 2x2 average pool are both linear maps of each pixel's values, so they
-    commute (up to rounding) and the convolution runs on a quarter of the pixels. With autograd the
-    step keeps only its input, which the dense block before it keeps anyway (and, in eval mode, a
-    copy of the running statistics); backward recomputes the BN-ReLU-pool. Under autocast it runs
-    as plain ops, which autocast casts. In training the running statistics are updated in place with `momentum`.
+    commute (up to rounding) and the convolution runs on a quarter of the pixels. BN-ReLU-pool is
+    one pass over the input (ops.bn_relu_pool), its backward two. With autograd the step keeps
+    only its input, which the dense block before it keeps anyway, and the per-channel statistics;
+    backward recomputes the pooled BN-ReLU. Under autocast and ONNX export it runs as plain ops.
+    In training the running statistics are updated in place with `momentum`.
     """
     _check_input(input, norm_weight.shape[0])
     if training:
         F._verify_batch_size(input.size())
-    params = (input, norm_weight, norm_bias, conv_weight)
-    if needs_grad(*params) and _autocast_dtype(input.device.type) is None:
-        return _Transition.apply(*params, running_mean, running_var, training, momentum, eps)
-    normalized = F.batch_norm(input, running_mean, running_var, norm_weight, norm_bias, training, momentum, eps)
-    return F.conv2d(F.avg_pool2d(F.relu(normalized), 2), conv_weight)
+    if _autocast_dtype(input.device.type) is not None or ops.exporting_to_onnx():
+        normalized = F.batch_norm(input, running_mean, running_var, norm_weight, norm_bias, training, momentum, eps)
+        return F.conv2d(F.avg_pool2d(F.relu(normalized), 2), conv_weight)
+    return _Transition.apply(input, norm_weight, norm_bias, conv_weight, running_mean, running_var, training,
+                             momentum, eps)
 
 
 class _Transition(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, norm_weight, norm_bias, conv_weight, running_mean, running_var, training, momentum, eps):
-        normalized, _, _ = torch.ops.aten.native_batch_norm(
-            input, norm_weight, norm_bias, running_mean, running_var, training, momentum, eps)
-        # Eval mode normalizes with the running statistics: copied, as a training step before this
-        # backward would change them. Training mode's batch statistics are recomputed from the input.
-        running = () if training else (running_mean.clone(), running_var.clone())
-        ctx.save_for_backward(input, norm_weight, norm_bias, conv_weight, *running)
+        pooled, mean, var = ops.bn_relu_pool(input, norm_weight, norm_bias, running_mean, running_var, training, eps)
+        if training:
+            ops.update_running_stats([running_mean], [running_var], [mean], [var], [float(momentum)],
+                                     input.shape[0] * input.shape[2] * input.shape[3])
+        # Eval mode's mean and var are copies of the running statistics, which a training step
+        # before this backward could change.
+        ctx.save_for_backward(input, norm_weight, norm_bias, conv_weight, mean, var)
         ctx.training, ctx.eps = training, eps
-        return F.conv2d(F.avg_pool2d(normalized.relu_(), 2), conv_weight)
+        return F.conv2d(pooled, conv_weight)
 
     @staticmethod
     def backward(ctx, grad_out):
-        input, norm_weight, norm_bias, conv_weight, *running = ctx.saved_tensors
-        running_mean, running_var = running or (None, None)
+        input, norm_weight, norm_bias, conv_weight, mean, var = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        # The same op on the same input: the forward's values bit for bit, so the same ReLU mask.
-        # In place where it can: at most two input-sized tensors are alive at once.
-        normalized, mean, invstd = torch.ops.aten.native_batch_norm(
-            input, norm_weight, norm_bias, running_mean, running_var, ctx.training, 0.0, ctx.eps)
-        relu_out = normalized.relu_()
+        # Forward's statistics as constants: bit for bit forward's pooled values, and ReLU mask.
+        pooled, _, _ = ops.bn_relu_pool(input, norm_weight, norm_bias, mean, var, False, ctx.eps)
         grad_pooled, grad_conv, _ = torch.ops.aten.convolution_backward(
-            grad_out, F.avg_pool2d(relu_out, 2), conv_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-            [True, needs[3], False])
-        grad_normalized = torch.ops.aten.avg_pool2d_backward(grad_pooled, relu_out, [2, 2], [2, 2], [0, 0], False,
-                                                             True, None)
-        grad_normalized.masked_fill_(relu_out <= 0, 0)  # the ReLU's backward; NaN passes, as in relu's
-        del normalized, relu_out
-        grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_normalized, input, norm_weight, running_mean, running_var, mean, invstd, ctx.training, ctx.eps,
-            [needs[0], needs[1], needs[2]])
-        return grad_input, grad_weight, grad_bias, grad_conv, None, None, None, None, None
+            grad_out, pooled, conv_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, needs[3], False])
+        del pooled
+        grad_input, grad_weight, grad_bias = ops.bn_relu_pool_backward(
+            grad_pooled, input, norm_weight, norm_bias, mean, var, ctx.training, ctx.eps, needs[0])
+        return (grad_input if needs[0] else None, grad_weight if needs[1] else None, grad_bias if needs[2] else None,
+                grad_conv, None, None, None, None, None)
 
 
 def _group_count(count: int, group_name: str, device: torch.device) -> int:

@@ -232,6 +232,38 @@ def update_running_stats(running_mean, running_var, batch_mean, batch_var, momen
     torch.ops.dense_ops.update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, count)
 
 
+# --- The transition's BN-ReLU-avgpool2x2 (csrc/transition.cpp) ---
+
+@torch.library.register_fake("dense_ops::bn_relu_pool")
+def _bn_relu_pool_fake(input, weight, bias, mean, var, training, eps):
+    _check_devices("bn_relu_pool", input, weight=weight, bias=bias, mean=mean, var=var)
+    n, c, h, w = input.shape
+    pooled = _empty((n, c, h // 2, w // 2), input, memory_format=suggest_memory_format(input))
+    stats = _empty((c,), input, dtype=stats_dtype(input.dtype))
+    return pooled, stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("dense_ops::bn_relu_pool_backward")
+def _bn_relu_pool_backward_fake(grad_pooled, input, weight, bias, mean, var, training, eps, input_needs_grad):
+    _check_devices("bn_relu_pool_backward", input, grad_pooled=grad_pooled, weight=weight, bias=bias, mean=mean,
+                   var=var)
+    grad_input = (_empty(input.shape, input, memory_format=suggest_memory_format(input)) if input_needs_grad
+                  else _empty((0,), input))
+    return grad_input, torch.empty_like(weight), torch.empty_like(bias)
+
+
+def bn_relu_pool(input, weight, bias, mean, var, training, eps):
+    """avg_pool2d(relu(batch_norm(input)), 2) in one pass; returns (pooled, mean, var): the batch
+    statistics in training, copies of mean and var (the running statistics) in eval mode."""
+    return torch.ops.dense_ops.bn_relu_pool(input, weight, bias, mean, var, training, eps)
+
+
+def bn_relu_pool_backward(grad_pooled, input, weight, bias, mean, var, training, eps, input_needs_grad):
+    """Its backward, given forward's mean and var: (grad_input, grad_weight, grad_bias)."""
+    return torch.ops.dense_ops.bn_relu_pool_backward(grad_pooled, input, weight, bias, mean, var, training, eps,
+                                                     input_needs_grad)
+
+
 # --- CondenseNet: the condensed 1x1 convolution (csrc/condensed_conv.h, csrc/common/condense_math.h) ---
 
 def channel_shuffle(x, groups):

@@ -70,7 +70,7 @@ def test_gradcheck():
 
 def test_keeps_only_its_input():
     # torchvision's transition keeps its ReLU output (and BN input) for backward; ours keeps the
-    # input, which the block before it keeps anyway, and its parameters.
+    # input, which the block before it keeps anyway, its parameters and the per-channel statistics.
     theirs, ours = transition_pair(in_channels=16, out_channels=8, dtype=torch.float32)
     x = torch.randn(4, 16, 8, 8, requires_grad=True)
     kept = {}
@@ -80,7 +80,7 @@ def test_keeps_only_its_input():
             module(x)
         kept[name] = {t.data_ptr(): t.numel() for t in saved if t.data_ptr() != x.data_ptr()}
     params = sum(p.numel() for p in ours.parameters())
-    assert sum(kept["ours"].values()) == params
+    assert sum(kept["ours"].values()) == params + 2 * 16  # and the mean and variance of 16 channels
     assert sum(kept["theirs"].values()) >= x.numel()
 
 
@@ -135,3 +135,40 @@ def test_low_precision_as_accurate_as_torchvision(dtype):
             our_error = (value.double() - truth).abs().max() / scale
             their_error = (reference.double() - truth).abs().max() / scale
             assert our_error <= 2 * their_error + 4 * eps, name
+
+
+def test_bn_relu_pool_op_names_bad_arguments():
+    x, c = torch.randn(2, 4, 6, 6), torch.ones(4)
+    op, backward = torch.ops.dense_ops.bn_relu_pool, torch.ops.dense_ops.bn_relu_pool_backward
+    with pytest.raises(RuntimeError, match=r"bn_relu_pool: bias must be a 1-D tensor of 4 elements"):
+        op(x, c, torch.ones(3), c, c, True, 1e-5)
+    with pytest.raises(RuntimeError, match=r"bn_relu_pool: input must be at least 2x2 pixels"):
+        op(torch.randn(2, 4, 1, 6), c, c, c, c, False, 1e-5)
+    with pytest.raises(RuntimeError, match=r"bn_relu_pool: eps must be positive"):
+        op(x, c, c, c, c, False, 0.0)
+    with pytest.raises(RuntimeError, match=r"bn_relu_pool_backward: grad_pooled must have shape \[2, 4, 3, 3\]"):
+        backward(torch.randn(2, 4, 3, 2), x, c, c, c, c, True, 1e-5, True)
+    with pytest.raises(RuntimeError, match=r"bn_relu_pool_backward: grad_pooled must have the input's dtype"):
+        backward(torch.randn(2, 4, 3, 3, dtype=torch.float64), x, c, c, c, c, True, 1e-5, True)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_bitwise_identical_for_any_thread_count(channels_last):
+    _, ours = transition_pair(16, 8, dtype=torch.float32)
+    x = torch.randn(4, 16, 10, 9)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(4, 8, 5, 4)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            ours.zero_grad(set_to_none=True)
+            results.append(run_step(ours, x, grad))
+    finally:
+        torch.set_num_threads(threads)
+    for got in results[1:]:
+        assert torch.equal(got[1], results[0][1])  # the input gradient: our kernels alone
+        for name in ("norm.weight", "norm.bias"):
+            assert torch.equal(got[2][name], results[0][2][name]), name

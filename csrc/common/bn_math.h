@@ -78,5 +78,33 @@ DENSE_OPS_HOST_DEVICE acc_t final_input_grad(acc_t direct, acc_t accumulated, ac
   return direct + accumulated - proj_mean - x_hat * proj_xhat;
 }
 
+// ---- The transition's BN-ReLU-avgpool2x2 (bn_relu_pool) --------------------------------------
+// Pooled pixel (i, j) averages z over input pixels (2i + a, 2j + b), a, b in {0, 1}; rows and
+// columns past 2 * (H / 2) and 2 * (W / 2) are cropped, as avg_pool2d(2) does: they enter the
+// batch statistics but get no gradient. Backward, dz of an input pixel is the gradient of its
+// pooled pixel divided by the pool's area, and the input gradient is
+//   dx = scale * dy - scale * sum(dy) / M - x_hat * scale * sum(dy * x_hat) / M  (as above).
+constexpr int kPoolArea = 4;
+
+// The mean of a 2x2 window, summed in ATen's order (row by row) and divided by the area.
+template <typename acc_t>
+DENSE_OPS_HOST_DEVICE acc_t pool_mean(acc_t top_left, acc_t top_right, acc_t bottom_left, acc_t bottom_right) {
+  return (((top_left + top_right) + bottom_left) + bottom_right) / acc_t(kPoolArea);
+}
+
+// dz of one input pixel of a pooled pixel with gradient grad_pooled.
+template <typename acc_t>
+DENSE_OPS_HOST_DEVICE acc_t unpooled_grad(acc_t grad_pooled) {
+  return grad_pooled / acc_t(kPoolArea);
+}
+
+// The input gradient of one element given its dy, with the batch-statistics projections
+// (proj_mean = scale * sum(dy) / M, proj_xhat = scale * sum(dy * x_hat) / M; zero in eval mode).
+template <typename acc_t>
+DENSE_OPS_HOST_DEVICE acc_t pooled_input_grad(acc_t x, acc_t dy, const BnAffine<acc_t>& a, acc_t proj_mean,
+                                              acc_t proj_xhat) {
+  return final_input_grad(acc_t(0), a.scale * dy, normalized(x, a), proj_mean, proj_xhat);
+}
+
 }  // namespace math
 }  // namespace dense_ops

@@ -118,6 +118,7 @@ struct AffineColumns {
   math::BnAffine<acc_t> at(int64_t i) const { return {mean[i], invstd[i], scale[i], shift[i]}; }
 };
 
+
 // Calls run(n, c, s, length, value_at) over every contiguous run of the elements, in parallel:
 // one channel's pixels of one sample (NCHW) or all channels of one pixel (channels-last).
 // value_at(j) is channel_value(channel of the run's j-th element); the unit-stride loops over a
@@ -392,10 +393,264 @@ void bn_input_grad(const at::Tensor& x, const BnParams& stats, const at::Tensor&
   });
 }
 
+// ---- The transition's BN-ReLU-avgpool2x2 (common/bn_math.h) ------------------------------
+// Input pixel (h, w) is element s = h * W + w of a plane. NCHW loops walk a plane row by row
+// (two input rows per pooled row); channels-last loops take one pixel's channels at a time.
+
+struct PoolExtent {
+  int64_t width, pooled_height, pooled_width;
+  PoolExtent(const at::Tensor& x, const at::Tensor& pooled)
+      : width(x.size(3)), pooled_height(pooled.size(2)), pooled_width(pooled.size(3)) {}
+  // Input pixel (2i + a, 2j + b) of pooled pixel (i, j).
+  int64_t input_pixel(int64_t i, int64_t j, int64_t a, int64_t b) const { return (2 * i + a) * width + 2 * j + b; }
+  // The pooled pixel of input pixel s, or -1 where the pool crops it.
+  int64_t pooled_of(int64_t s) const {
+    const int64_t i = s / width / 2, j = s % width / 2;
+    return i < pooled_height && j < pooled_width ? i * pooled_width + j : -1;
+  }
+};
+
+// dy of element x of a pixel whose pooled pixel has gradient grad_pooled.
+template <typename acc_t, typename scalar_t>
+inline acc_t pooled_dy(scalar_t x, scalar_t grad_pooled, const math::BnAffine<acc_t>& a) {
+  return math::relu_masked_grad(static_cast<acc_t>(x), math::unpooled_grad(static_cast<acc_t>(grad_pooled)), a);
+}
+
+void bn_relu_pool(const at::Tensor& x, const BnParams& bn, const at::Tensor& pooled, bool channels_last) {
+  const Extent e(x), pooled_extent(pooled);
+  const PoolExtent pe(x, pooled);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_relu_pool", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_flag(channels_last, [&](auto layout) {
+      constexpr bool kChannelsLast = decltype(layout)::value;
+      const Plane<scalar_t, kChannelsLast> in(x), result(pooled);
+      const AffineColumns<acc_t> columns(affines<acc_t>(bn, e.channels));
+      if constexpr (kChannelsLast) {
+        parallel_over_pixels(pooled_extent, [&](int64_t n, int64_t p) {
+          const int64_t i = p / pe.pooled_width, j = p % pe.pooled_width;
+          const scalar_t* __restrict__ x00 = &in(n, 0, pe.input_pixel(i, j, 0, 0));
+          const scalar_t* __restrict__ x01 = &in(n, 0, pe.input_pixel(i, j, 0, 1));
+          const scalar_t* __restrict__ x10 = &in(n, 0, pe.input_pixel(i, j, 1, 0));
+          const scalar_t* __restrict__ x11 = &in(n, 0, pe.input_pixel(i, j, 1, 1));
+          scalar_t* __restrict__ out = &result(n, 0, p);
+          for (int64_t c = 0; c < e.channels; ++c) {
+            const auto z = [&](const scalar_t* xp) { return math::bn_relu(static_cast<acc_t>(xp[c]), columns.at(c)); };
+            out[c] = static_cast<scalar_t>(math::pool_mean(z(x00), z(x01), z(x10), z(x11)));
+          }
+        });
+      } else {
+        parallel_over_channels(e, [&](int64_t c_begin, int64_t c_end) {
+          for (int64_t c = c_begin; c < c_end; ++c) {
+            const auto a = columns.at(c);
+            const auto z = [&](scalar_t v) { return math::bn_relu(static_cast<acc_t>(v), a); };
+            for (int64_t n = 0; n < e.batch; ++n)
+              for (int64_t i = 0; i < pe.pooled_height; ++i) {
+                const scalar_t* __restrict__ top = &in(n, c, pe.input_pixel(i, 0, 0, 0));
+                const scalar_t* __restrict__ bottom = top + pe.width;
+                scalar_t* __restrict__ out = &result(n, c, i * pe.pooled_width);
+                for (int64_t j = 0; j < pe.pooled_width; ++j)
+                  out[j] = static_cast<scalar_t>(
+                      math::pool_mean(z(top[2 * j]), z(top[2 * j + 1]), z(bottom[2 * j]), z(bottom[2 * j + 1])));
+              }
+          }
+        });
+      }
+    });
+  });
+}
+
+// Adds one channels-last input pixel's dy and dy * x_hat, channel by channel (g: its pooled
+// pixel's gradients). A plain loop over channels, so that it vectorizes.
+template <typename scalar_t, typename acc_t>
+void pool_sums_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, int64_t length,
+                   const AffineColumns<acc_t>& a, acc_t* __restrict__ dy_sum, acc_t* __restrict__ dy_xhat_sum) {
+  for (int64_t c = 0; c < length; ++c) {
+    const acc_t dy = pooled_dy(x[c], g[c], a.at(c));
+    dy_sum[c] += dy;
+    dy_xhat_sum[c] += dy * math::normalized(static_cast<acc_t>(x[c]), a.at(c));
+  }
+}
+
+// The sums of the four inputs of each pooled pixel of a channels-last row of pooled pixels
+// [q_begin, q_end) into dy_sum[c] and dy_xhat_sum[c].
+template <typename scalar_t, typename acc_t>
+void pool_sums_pixels(const Plane<scalar_t, true>& in, const Plane<scalar_t, true>& grad, const Extent& pooled,
+                      const PoolExtent& pe, const AffineColumns<acc_t>& a, int64_t q_begin, int64_t q_end,
+                      acc_t* __restrict__ dy_sum, acc_t* __restrict__ dy_xhat_sum) {
+  for (int64_t q = q_begin; q < q_end; ++q) {
+    const int64_t n = q / pooled.spatial, p = q % pooled.spatial;
+    const int64_t i = p / pe.pooled_width, j = p % pe.pooled_width;
+    const scalar_t* __restrict__ g = &grad(n, 0, p);
+    for (int64_t a_row = 0; a_row < 2; ++a_row)
+      for (int64_t b_col = 0; b_col < 2; ++b_col) {
+        pool_sums_run(&in(n, 0, pe.input_pixel(i, j, a_row, b_col)), g, pooled.channels, a, dy_sum, dy_xhat_sum);
+      }
+  }
+}
+
+// The sums of one NCHW pooled row: input rows top and bottom, pooled gradients g, in lanes.
+template <typename scalar_t, typename acc_t>
+void pool_sums_row(const scalar_t* __restrict__ top, const scalar_t* __restrict__ bottom,
+                   const scalar_t* __restrict__ g, int64_t pooled_width, const math::BnAffine<acc_t>& a,
+                   double& sum_dy, double& sum_dy_xhat) {
+  constexpr int64_t kLanes = 8;
+  acc_t dy_lanes[kLanes] = {}, dy_xhat_lanes[kLanes] = {};
+  const auto window = [&](int64_t j, int64_t lane) {
+    const acc_t dz = math::unpooled_grad(static_cast<acc_t>(g[j]));
+    for (const scalar_t xv : {top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]}) {
+      const acc_t x = static_cast<acc_t>(xv), dy = math::relu_masked_grad(x, dz, a);
+      dy_lanes[lane] += dy;
+      dy_xhat_lanes[lane] += dy * math::normalized(x, a);
+    }
+  };
+  int64_t j = 0;
+  for (; j + kLanes <= pooled_width; j += kLanes)
+    for (int64_t lane = 0; lane < kLanes; ++lane) window(j + lane, lane);
+  for (; j < pooled_width; ++j) window(j, 0);
+  for (int64_t lane = 0; lane < kLanes; ++lane) {
+    sum_dy += static_cast<double>(dy_lanes[lane]);
+    sum_dy_xhat += static_cast<double>(dy_xhat_lanes[lane]);
+  }
+}
+
+void bn_relu_pool_sums(const at::Tensor& x, const at::Tensor& grad_pooled, const BnParams& bn,
+                       const at::Tensor& sum_dy_xhat, const at::Tensor& sum_dy, bool channels_last) {
+  const Extent e(x), pooled_extent(grad_pooled);
+  const PoolExtent pe(x, grad_pooled);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_relu_pool_sums", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_flag(channels_last, [&](auto layout) {
+      constexpr bool kChannelsLast = decltype(layout)::value;
+      const Plane<scalar_t, kChannelsLast> in(x), grad(grad_pooled);
+      const AffineColumns<acc_t> columns(affines<acc_t>(bn, e.channels));
+      double* total_dy_xhat = sum_dy_xhat.data_ptr<double>();
+      double* total_dy = sum_dy.data_ptr<double>();
+      const int64_t channels = e.channels;
+      if constexpr (kChannelsLast) {
+        constexpr int64_t kTile = 16;  // pooled pixels summed in acc_t before the double partials
+        const auto sums = sum_over_pixel_blocks<double>(pooled_extent, 2 * channels,
+                                                        [&](int64_t q_begin, int64_t q_end, double* partial) {
+          std::vector<acc_t> tile_dy(channels), tile_dy_xhat(channels);
+          for (int64_t tile = q_begin; tile < q_end; tile += kTile) {
+            std::fill(tile_dy.begin(), tile_dy.end(), acc_t(0));
+            std::fill(tile_dy_xhat.begin(), tile_dy_xhat.end(), acc_t(0));
+            pool_sums_pixels(in, grad, pooled_extent, pe, columns, tile, std::min(tile + kTile, q_end), tile_dy.data(),
+                             tile_dy_xhat.data());
+            for (int64_t c = 0; c < channels; ++c) {
+              partial[c] += static_cast<double>(tile_dy[c]);
+              partial[channels + c] += static_cast<double>(tile_dy_xhat[c]);
+            }
+          }
+        });
+        for (int64_t c = 0; c < channels; ++c) {
+          total_dy[c] += sums[c];
+          total_dy_xhat[c] += sums[channels + c];
+        }
+      } else {
+        parallel_over_channels(e, [&](int64_t c_begin, int64_t c_end) {
+          for (int64_t c = c_begin; c < c_end; ++c) {
+            double channel_dy = 0, channel_dy_xhat = 0;
+            for (int64_t n = 0; n < e.batch; ++n)
+              for (int64_t i = 0; i < pe.pooled_height; ++i) {
+                const scalar_t* top = &in(n, c, pe.input_pixel(i, 0, 0, 0));
+                pool_sums_row(top, top + pe.width, &grad(n, c, i * pe.pooled_width), pe.pooled_width, columns.at(c),
+                              channel_dy, channel_dy_xhat);
+              }
+            total_dy[c] += channel_dy;
+            total_dy_xhat[c] += channel_dy_xhat;
+          }
+        });
+      }
+    });
+  });
+}
+
+// The input gradient of one element with its dy; kProjections: training (batch statistics).
+// Eval mode's x enters only through the ReLU mask (not even a NaN of x_hat).
+template <bool kProjections, typename acc_t, typename scalar_t>
+inline scalar_t pool_input_grad(scalar_t x, acc_t dy, const InputGradColumn<acc_t>& col) {
+  return static_cast<scalar_t>(kProjections ? math::pooled_input_grad(static_cast<acc_t>(x), dy, col.norm,
+                                                                      col.proj_mean, col.proj_xhat)
+                                            : col.norm.scale * dy);
+}
+
+// The input gradients of one channels-last pixel that the pool keeps (g: its pooled pixel's
+// gradients; pm and px: the projections, read in training only).
+template <bool kProjections, typename scalar_t, typename acc_t>
+void pool_input_grad_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g, scalar_t* __restrict__ out,
+                         int64_t length, const AffineColumns<acc_t>& a, const acc_t* __restrict__ pm,
+                         const acc_t* __restrict__ px) {
+  for (int64_t c = 0; c < length; ++c) {
+    const InputGradColumn<acc_t> col{a.at(c), kProjections ? pm[c] : acc_t(0), kProjections ? px[c] : acc_t(0)};
+    out[c] = pool_input_grad<kProjections>(x[c], pooled_dy(x[c], g[c], col.norm), col);
+  }
+}
+
+void bn_relu_pool_input_grad(const at::Tensor& x, const at::Tensor& grad_pooled, const BnParams& bn,
+                             const at::Tensor& proj_mean, const at::Tensor& proj_xhat, const at::Tensor& out,
+                             bool channels_last) {
+  const Extent e(x);
+  const PoolExtent pe(x, grad_pooled);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_relu_pool_input_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const bool has_proj = proj_mean.defined();  // eval mode has none: the statistics are constants
+    with_flag(channels_last, [&](auto layout) {
+      with_flag(has_proj, [&](auto projections) {
+        constexpr bool kChannelsLast = decltype(layout)::value, kProjections = decltype(projections)::value;
+        const Plane<scalar_t, kChannelsLast> in(x), grad(grad_pooled), result(out);
+        const AffineColumns<acc_t> columns(affines<acc_t>(bn, e.channels));
+        const acc_t* __restrict__ pm = kProjections ? proj_mean.data_ptr<acc_t>() : nullptr;
+        const acc_t* __restrict__ px = kProjections ? proj_xhat.data_ptr<acc_t>() : nullptr;
+        const auto column = [&](int64_t c) {
+          return InputGradColumn<acc_t>{columns.at(c), kProjections ? pm[c] : acc_t(0), kProjections ? px[c] : acc_t(0)};
+        };
+        if constexpr (kChannelsLast) {
+          parallel_over_pixels(e, [&](int64_t n, int64_t s) {
+            const int64_t p = pe.pooled_of(s);
+            const scalar_t* __restrict__ xp = &in(n, 0, s);
+            scalar_t* __restrict__ o = &result(n, 0, s);
+            if (p < 0) {  // cropped by the pool: no gradient of its own
+              for (int64_t c = 0; c < e.channels; ++c) o[c] = pool_input_grad<kProjections>(xp[c], acc_t(0), column(c));
+              return;
+            }
+            pool_input_grad_run<kProjections>(xp, &grad(n, 0, p), o, e.channels, columns, pm, px);
+          });
+        } else {
+          const int64_t height = x.size(2);
+          parallel_over_channels(e, [&](int64_t c_begin, int64_t c_end) {
+            // A row's dz, unpooled (cropped columns and rows: 0), so that the loop over the row vectorizes.
+            std::vector<acc_t> row_dz(pe.width, acc_t(0)), no_dz(pe.width, acc_t(0));
+            for (int64_t c = c_begin; c < c_end; ++c) {
+              const auto col = column(c);
+              for (int64_t n = 0; n < e.batch; ++n)
+                for (int64_t h = 0; h < height; ++h) {
+                  const bool pooled_row = h / 2 < pe.pooled_height;
+                  if (pooled_row && h % 2 == 0) {
+                    const scalar_t* __restrict__ g = &grad(n, c, h / 2 * pe.pooled_width);
+                    for (int64_t j = 0; j < pe.pooled_width; ++j)
+                      row_dz[2 * j] = row_dz[2 * j + 1] = math::unpooled_grad(static_cast<acc_t>(g[j]));
+                  }
+                  const acc_t* __restrict__ dz = pooled_row ? row_dz.data() : no_dz.data();
+                  const scalar_t* __restrict__ row = &in(n, c, h * pe.width);
+                  scalar_t* __restrict__ o = &result(n, c, h * pe.width);
+                  for (int64_t w = 0; w < pe.width; ++w) {
+                    const acc_t dy = math::relu_masked_grad(static_cast<acc_t>(row[w]), dz[w], col.norm);
+                    o[w] = pool_input_grad<kProjections>(row[w], dy, col);
+                  }
+                }
+            }
+          });
+        }
+      });
+    });
+  });
+}
+
 }  // namespace
 
 const BnKernels& bn_kernels() {
-  static const BnKernels kernels{channel_moments, bn_relu_forward, bn_relu_backward, bn_input_grad};
+  static const BnKernels kernels{channel_moments, bn_relu_forward,   bn_relu_backward,  bn_input_grad,
+                                 bn_relu_pool,    bn_relu_pool_sums, bn_relu_pool_input_grad};
   return kernels;
 }
 

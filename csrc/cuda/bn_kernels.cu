@@ -266,6 +266,107 @@ __global__ void bn_input_grad_kernel(Plane<const scalar_t, index_t> x, DeviceBn<
   }
 }
 
+// ---- the transition's BN-ReLU-avgpool2x2 (common/bn_math.h) -------------------------------
+
+// Where the pixels of a pool window are: pixel p = n * H*W + h * W + w of the input, pixel
+// q = n * Hp*Wp + i * Wp + j of the pooled tensor.
+template <typename index_t>
+struct PoolGeometry {
+  index_t width, spatial, pooled_height, pooled_width, pooled_spatial;
+  // Input pixel (2i + a, 2j + b) of pooled pixel q.
+  __device__ __forceinline__ index_t input_pixel(index_t q, index_t a, index_t b) const {
+    const index_t n = q / pooled_spatial, s = q - n * pooled_spatial;
+    const index_t i = s / pooled_width, j = s - i * pooled_width;
+    return n * spatial + (2 * i + a) * width + 2 * j + b;
+  }
+  // The pooled pixel of input pixel p, or -1 where the pool crops it.
+  __device__ __forceinline__ index_t pooled_of(index_t p) const {
+    const index_t n = p / spatial, s = p - n * spatial;
+    const index_t i = s / width / 2, j = (s % width) / 2;
+    return i < pooled_height && j < pooled_width ? n * pooled_spatial + i * pooled_width + j : index_t(-1);
+  }
+};
+
+template <typename index_t>
+PoolGeometry<index_t> pool_geometry(const at::Tensor& x, const at::Tensor& pooled) {
+  return PoolGeometry<index_t>{index_t(x.size(3)), index_t(x.size(2) * x.size(3)), index_t(pooled.size(2)),
+                               index_t(pooled.size(3)), index_t(pooled.size(2) * pooled.size(3))};
+}
+
+// One thread per (channel, pooled pixel).
+template <typename scalar_t, typename acc_t, typename index_t, bool kChannelsLast>
+__global__ void bn_relu_pool_kernel(Plane<const scalar_t, index_t> x, DeviceBn<acc_t> bn,
+                                    Plane<scalar_t, index_t> pooled, PoolGeometry<index_t> geometry,
+                                    index_t channels, index_t pooled_pixels) {
+  using T = Tile<kChannelsLast>;
+  const index_t c = T::channel();
+  if (c >= channels) return;
+  const auto a = bn.affine(c);
+  for (index_t q = T::first_pixel(); q < pooled_pixels; q += T::pixel_step()) {
+    const auto z = [&](index_t row, index_t col) {
+      return math::bn_relu(static_cast<acc_t>(x(c, geometry.input_pixel(q, row, col))), a);
+    };
+    pooled(c, q) = static_cast<scalar_t>(math::pool_mean(z(0, 0), z(0, 1), z(1, 0), z(1, 1)));
+  }
+}
+
+// Per chunk and channel, the partial sums of dy * x_hat and dy over the chunk's pool windows.
+template <typename scalar_t, typename acc_t, typename index_t, bool kChannelsLast>
+__global__ void bn_relu_pool_sums_kernel(Plane<const scalar_t, index_t> x, Plane<const scalar_t, index_t> grad_pooled,
+                                         DeviceBn<acc_t> bn, PoolGeometry<index_t> geometry, index_t channels,
+                                         index_t pooled_pixels, acc_t* partial_dy_xhat, acc_t* partial_dy) {
+  using T = Tile<kChannelsLast>;
+  __shared__ acc_t sums_dy_xhat[kThreads], sums_dy[kThreads];
+  const index_t c = T::channel();
+  acc_t dy_xhat = 0, dy_total = 0;
+  if (c < channels) {
+    const auto a = bn.affine(c);
+    for (index_t q = T::first_pixel(); q < pooled_pixels; q += T::pixel_step()) {
+      const acc_t dz = math::unpooled_grad(static_cast<acc_t>(grad_pooled(c, q)));
+      for (index_t row = 0; row < 2; ++row)
+        for (index_t col = 0; col < 2; ++col) {
+          const acc_t xv = static_cast<acc_t>(x(c, geometry.input_pixel(q, row, col)));
+          const acc_t dy = math::relu_masked_grad(xv, dz, a);
+          dy_total += dy;
+          dy_xhat += dy * math::normalized(xv, a);
+        }
+    }
+  }
+  sums_dy_xhat[threadIdx.x] = dy_xhat, sums_dy[threadIdx.x] = dy_total;
+  reduce_pixel_lanes<kChannelsLast>([&](int into, int from) {
+    sums_dy_xhat[into] += sums_dy_xhat[from];
+    sums_dy[into] += sums_dy[from];
+  });
+  if (T::pixel_lane() == 0 && c < channels) {
+    partial_dy_xhat[int64_t(blockIdx.y) * channels + c] = sums_dy_xhat[threadIdx.x];
+    partial_dy[int64_t(blockIdx.y) * channels + c] = sums_dy[threadIdx.x];
+  }
+}
+
+// One thread per (channel, input pixel); proj_mean is null in eval mode.
+template <typename scalar_t, typename acc_t, typename index_t, bool kChannelsLast>
+__global__ void bn_relu_pool_input_grad_kernel(Plane<const scalar_t, index_t> x,
+                                               Plane<const scalar_t, index_t> grad_pooled, DeviceBn<acc_t> bn,
+                                               PoolGeometry<index_t> geometry, const acc_t* proj_mean,
+                                               const acc_t* proj_xhat, Plane<scalar_t, index_t> out,
+                                               index_t channels, index_t pixels) {
+  using T = Tile<kChannelsLast>;
+  const index_t c = T::channel();
+  if (c >= channels) return;
+  const auto a = bn.affine(c);
+  const bool has_proj = proj_mean != nullptr;
+  const acc_t mean_term = has_proj ? proj_mean[c] : acc_t(0), xhat_term = has_proj ? proj_xhat[c] : acc_t(0);
+  for (index_t p = T::first_pixel(); p < pixels; p += T::pixel_step()) {
+    const index_t q = geometry.pooled_of(p);
+    const acc_t xv = static_cast<acc_t>(x(c, p));
+    const acc_t dy =
+        q < 0 ? acc_t(0) : math::relu_masked_grad(xv, math::unpooled_grad(static_cast<acc_t>(grad_pooled(c, q))), a);
+    // Eval mode: x enters only through the ReLU mask (not even a NaN of x_hat).
+    out(c, p) = static_cast<scalar_t>(has_proj ? math::pooled_input_grad(xv, dy, a, mean_term, xhat_term)
+                                               : a.scale * dy);
+  }
+}
+
 // ---- launchers ----------------------------------------------------------------------------
 
 // Runs launch(scalar_t, index_t, channels_last) for x's dtype, the narrowest index type that
@@ -377,8 +478,80 @@ void bn_input_grad(const at::Tensor& x, const BnParams& stats, const at::Tensor&
   });
 }
 
+int64_t pixels_of(const at::Tensor& t) { return t.size(0) * t.size(2) * t.size(3); }
+
+void bn_relu_pool(const at::Tensor& x, const BnParams& bn, const at::Tensor& pooled, bool channels_last) {
+  check_same_cuda_device("dense_ops bn_relu_pool", {{"x", x}, {"bn.weight", bn.weight}, {"bn.bias", bn.bias},
+                                                   {"bn.mean", bn.mean}, {"bn.var", bn.var}, {"pooled", pooled}});
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(x, channels_last, {x, pooled}, [&](auto scalar, auto index, auto layout) {
+    using scalar_t = decltype(scalar);
+    using index_t = decltype(index);
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr bool kChannelsLast = decltype(layout)::value;
+    bn_relu_pool_kernel<scalar_t, acc_t, index_t, kChannelsLast><<<grid_for<kChannelsLast>(pooled), kThreads, 0, stream>>>(
+        plane<const scalar_t, index_t>(x), device_bn<acc_t>(bn), plane<scalar_t, index_t>(pooled),
+        pool_geometry<index_t>(x, pooled), index_t(x.size(1)), index_t(pixels_of(pooled)));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void bn_relu_pool_sums(const at::Tensor& x, const at::Tensor& grad_pooled, const BnParams& bn,
+                       const at::Tensor& sum_dy_xhat, const at::Tensor& sum_dy, bool channels_last) {
+  check_same_cuda_device("dense_ops bn_relu_pool_sums",
+                         {{"x", x}, {"grad_pooled", grad_pooled}, {"bn.weight", bn.weight}, {"bn.bias", bn.bias},
+                          {"bn.mean", bn.mean}, {"bn.var", bn.var}, {"sum_dy_xhat", sum_dy_xhat}, {"sum_dy", sum_dy}});
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(x, channels_last, {x, grad_pooled}, [&](auto scalar, auto index, auto layout) {
+    using scalar_t = decltype(scalar);
+    using index_t = decltype(index);
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr bool kChannelsLast = decltype(layout)::value;
+    const dim3 grid = grid_for<kChannelsLast>(grad_pooled);
+    const int64_t channels = x.size(1);
+    const at::Tensor partial =
+        at::empty({2, int64_t(grid.y), channels}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    bn_relu_pool_sums_kernel<scalar_t, acc_t, index_t, kChannelsLast><<<grid, kThreads, 0, stream>>>(
+        plane<const scalar_t, index_t>(x), plane<const scalar_t, index_t>(grad_pooled), device_bn<acc_t>(bn),
+        pool_geometry<index_t>(x, grad_pooled), index_t(channels), index_t(pixels_of(grad_pooled)),
+        partial[0].data_ptr<acc_t>(), partial[1].data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    add_partials_kernel<acc_t><<<blocks_for_channels(channels), kThreads, 0, stream>>>(
+        partial[0].data_ptr<acc_t>(), partial[1].data_ptr<acc_t>(), grid.y, channels, sum_dy_xhat.data_ptr<double>(),
+        sum_dy.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void bn_relu_pool_input_grad(const at::Tensor& x, const at::Tensor& grad_pooled, const BnParams& bn,
+                             const at::Tensor& proj_mean, const at::Tensor& proj_xhat, const at::Tensor& out,
+                             bool channels_last) {
+  check_same_cuda_device("dense_ops bn_relu_pool_input_grad",
+                         {{"x", x}, {"grad_pooled", grad_pooled}, {"bn.weight", bn.weight}, {"bn.bias", bn.bias},
+                          {"bn.mean", bn.mean}, {"bn.var", bn.var}, {"proj_mean", proj_mean},
+                          {"proj_xhat", proj_xhat}, {"out", out}});
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(x, channels_last, {x, grad_pooled, out}, [&](auto scalar, auto index, auto layout) {
+    using scalar_t = decltype(scalar);
+    using index_t = decltype(index);
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr bool kChannelsLast = decltype(layout)::value;
+    bn_relu_pool_input_grad_kernel<scalar_t, acc_t, index_t, kChannelsLast>
+        <<<grid_for<kChannelsLast>(x), kThreads, 0, stream>>>(
+            plane<const scalar_t, index_t>(x), plane<const scalar_t, index_t>(grad_pooled), device_bn<acc_t>(bn),
+            pool_geometry<index_t>(x, grad_pooled), proj_mean.defined() ? proj_mean.data_ptr<acc_t>() : nullptr,
+            proj_xhat.defined() ? proj_xhat.data_ptr<acc_t>() : nullptr, plane<scalar_t, index_t>(out),
+            index_t(x.size(1)), index_t(pixels_of(x)));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 const BnKernels& cuda_kernels() {
-  static const BnKernels kernels{channel_moments, bn_relu_forward, bn_relu_backward, bn_input_grad};
+  static const BnKernels kernels{channel_moments, bn_relu_forward,   bn_relu_backward,  bn_input_grad,
+                                 bn_relu_pool,    bn_relu_pool_sums, bn_relu_pool_input_grad};
   return kernels;
 }
 

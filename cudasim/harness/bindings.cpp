@@ -56,6 +56,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                                  training, eps, layer_needs_grad, input_needs_grad, std::nullopt,
                                                  kernels(sim));
         });
+  // The transition's BN-ReLU-avgpool2x2 ops (csrc/transition.cpp) over either set of kernels.
+  m.def("bn_relu_pool", [](bool sim, const at::Tensor& input, const at::Tensor& w, const at::Tensor& b,
+                           const at::Tensor& mean, const at::Tensor& var, bool training, double eps) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return dense_ops::bn_relu_pool_forward(input, w, b, mean, var, training, eps, kernels(sim));
+  });
+  m.def("bn_relu_pool_backward",
+        [](bool sim, const at::Tensor& grad_pooled, const at::Tensor& input, const at::Tensor& w, const at::Tensor& b,
+           const at::Tensor& mean, const at::Tensor& var, bool training, double eps, bool input_needs_grad) {
+          const at::AutoDispatchBelowADInplaceOrView below_autograd;
+          return dense_ops::bn_relu_pool_backward(grad_pooled, input, w, b, mean, var, training, eps,
+                                                  input_needs_grad, kernels(sim));
+        });
   m.def("condensed_conv", [](bool sim, const at::Tensor& input, const at::Tensor& index, const at::Tensor& scale,
                              const at::Tensor& shift, const at::Tensor& weight, int64_t groups,
                              const dense_ops::OptT& os, const dense_ops::OptT& osh) {

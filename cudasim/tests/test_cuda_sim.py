@@ -155,6 +155,44 @@ def test_bn_input_grad(dtype, layout, has_direct, has_proj):
     torch.testing.assert_close(outs[0], outs[1], rtol=rtol, atol=atol)
 
 
+def pool_reference(x, w, b, m, v, training, grad_pooled):
+    """avg_pool2d(relu(batch_norm(x)), 2) and its input and affine gradients, in float64 autograd."""
+    xd = x.double().requires_grad_()
+    wd, bd = w.double().requires_grad_(), b.double().requires_grad_()
+    pooled = F.avg_pool2d(F.relu(F.batch_norm(xd, m.double(), v.double(), wd, bd, training, 0.0, 1e-5)), 2)
+    pooled.backward(grad_pooled.double())
+    return pooled.detach(), xd.grad, wd.grad, bd.grad
+
+
+# 8x8: whole windows; 5x7: a cropped row and column; 37 channels: a partial channels-last tile
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 4, 8, 8), (2, 37, 5, 7)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("sms", ["1", "4"])
+def test_bn_relu_pool(order, monkeypatch, dtype, shape, layout, training, sms):
+    monkeypatch.setenv("CUDASIM_SM_COUNT", sms)
+    x = make_x(shape, dtype, layout)
+    w, b, m, v = bn_params(shape[1], acc(dtype))
+    grad_pooled = make_x((*shape[:2], shape[2] // 2, shape[3] // 2), dtype, layout, seed=5)
+    results = []
+    for sim in (True, False):
+        pooled, mean, var = ext.bn_relu_pool(sim, x, w, b, m, v, training, 1e-5)
+        grads = ext.bn_relu_pool_backward(sim, grad_pooled, x, w, b, mean, var, training, 1e-5, True)
+        results.append((pooled, mean, var, *grads))
+    rtol, atol = TOL[dtype]
+    for s, c in zip(*results):
+        torch.testing.assert_close(s, c, rtol=rtol, atol=atol * 10)
+    pooled, mean, var, grad_x, grad_w, grad_b = results[0]
+    if training:
+        xr = x.double()
+        torch.testing.assert_close(mean.double(), xr.mean((0, 2, 3)), rtol=rtol, atol=atol)
+        torch.testing.assert_close(var.double(), xr.var((0, 2, 3), unbiased=False), rtol=rtol, atol=atol)
+    ref = pool_reference(x, w, b, m, v, training, grad_pooled)
+    for got, want in zip((pooled, grad_x, grad_w, grad_b), ref):
+        torch.testing.assert_close(got.double(), want, rtol=rtol * 8, atol=atol * 8 * max(1, shape[0] * shape[2]))
+
+
 def condense_reference(x, index, scale, shift, weight, groups, out_scale=None, out_shift=None):
     xd = x.double()
     a = F.relu(xd[:, index] * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1))
