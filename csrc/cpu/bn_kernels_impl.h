@@ -284,28 +284,32 @@ void backward_pixel_run(const scalar_t* __restrict__ x, const scalar_t* __restri
   }
 }
 
-// The backward sums of channels-last operands, by pixel blocks: [sum(dy) | sum(dy * x_hat)].
-template <bool kAccumulate, typename scalar_t, typename acc_t>
-std::vector<double> backward_pixels(const Extent& e, const Plane<scalar_t, true>& in, const Plane<scalar_t, true>& dz,
-                                    const Plane<acc_t, true>& acc, const AffineColumns<acc_t>& columns) {
-  constexpr int64_t kTile = 64;  // pixels summed in acc_t before the double partials
+// Channels-last backward sums, added to sum_dy and sum_dy_xhat (float64): add_tile(p_begin,
+// p_end, dy, dy_xhat) adds the per-channel sums of at most `tile` pixels (acc_t) into dy and
+// dy_xhat, which are flushed to float64 partials per tile and added up by pixel blocks
+// (sum_over_pixel_blocks: the same for any number of threads).
+template <typename acc_t, typename AddTile>
+void add_channels_last_sums(const Extent& e, int64_t tile, const AddTile& add_tile, const at::Tensor& sum_dy_xhat,
+                            const at::Tensor& sum_dy) {
   const int64_t channels = e.channels;
-  return sum_over_pixel_blocks<double>(e, 2 * channels, [&](int64_t p_begin, int64_t p_end, double* partial) {
+  const auto sums = sum_over_pixel_blocks<double>(e, 2 * channels, [&](int64_t p_begin, int64_t p_end, double* partial) {
     std::vector<acc_t> tile_dy(channels), tile_dy_xhat(channels);
-    for (int64_t tile = p_begin; tile < p_end; tile += kTile) {
+    for (int64_t start = p_begin; start < p_end; start += tile) {
       std::fill(tile_dy.begin(), tile_dy.end(), acc_t(0));
       std::fill(tile_dy_xhat.begin(), tile_dy_xhat.end(), acc_t(0));
-      for (int64_t p = tile; p < std::min(tile + kTile, p_end); ++p) {
-        const int64_t n = p / e.spatial, s = p % e.spatial;
-        backward_pixel_run<kAccumulate>(&in(n, 0, s), &dz(n, 0, s), &acc(n, 0, s), channels, columns, tile_dy.data(),
-                                        tile_dy_xhat.data());
-      }
+      add_tile(start, std::min(start + tile, p_end), tile_dy.data(), tile_dy_xhat.data());
       for (int64_t c = 0; c < channels; ++c) {
         partial[c] += static_cast<double>(tile_dy[c]);
         partial[channels + c] += static_cast<double>(tile_dy_xhat[c]);
       }
     }
   });
+  double* total_dy = sum_dy.data_ptr<double>();
+  double* total_dy_xhat = sum_dy_xhat.data_ptr<double>();
+  for (int64_t c = 0; c < channels; ++c) {
+    total_dy[c] += sums[c];
+    total_dy_xhat[c] += sums[channels + c];
+  }
 }
 
 void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnParams& bn,
@@ -321,15 +325,19 @@ void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnP
         const Plane<scalar_t, kChannelsLast> in(x), dz(grad_out);
         const Plane<acc_t, kChannelsLast> acc(accumulated);
         const auto channel_affines = affines<acc_t>(bn, e.channels);
-        double* total_dy_xhat = sum_dy_xhat.data_ptr<double>();
-        double* total_dy = sum_dy.data_ptr<double>();
         if constexpr (kChannelsLast) {
-          const auto sums = backward_pixels<kAccumulate>(e, in, dz, acc, AffineColumns<acc_t>(channel_affines));
-          for (int64_t c = 0; c < e.channels; ++c) {
-            total_dy[c] += sums[c];
-            total_dy_xhat[c] += sums[e.channels + c];
-          }
+          const AffineColumns<acc_t> columns(channel_affines);
+          constexpr int64_t kTile = 64;  // pixels summed in acc_t before the float64 partials
+          add_channels_last_sums<acc_t>(e, kTile, [&](int64_t p_begin, int64_t p_end, acc_t* dy, acc_t* dy_xhat) {
+            for (int64_t p = p_begin; p < p_end; ++p) {
+              const int64_t n = p / e.spatial, s = p % e.spatial;
+              backward_pixel_run<kAccumulate>(&in(n, 0, s), &dz(n, 0, s), &acc(n, 0, s), e.channels, columns, dy,
+                                              dy_xhat);
+            }
+          }, sum_dy_xhat, sum_dy);
         } else {
+          double* total_dy_xhat = sum_dy_xhat.data_ptr<double>();
+          double* total_dy = sum_dy.data_ptr<double>();
           parallel_over_channels(e, [&](int64_t c_begin, int64_t c_end) {
             for (int64_t c = c_begin; c < c_end; ++c) {
               double channel_dy = 0, channel_dy_xhat = 0;
@@ -523,30 +531,15 @@ void bn_relu_pool_sums(const at::Tensor& x, const at::Tensor& grad_pooled, const
       constexpr bool kChannelsLast = decltype(layout)::value;
       const Plane<scalar_t, kChannelsLast> in(x), grad(grad_pooled);
       const AffineColumns<acc_t> columns(affines<acc_t>(bn, e.channels));
-      double* total_dy_xhat = sum_dy_xhat.data_ptr<double>();
-      double* total_dy = sum_dy.data_ptr<double>();
-      const int64_t channels = e.channels;
       if constexpr (kChannelsLast) {
-        constexpr int64_t kTile = 16;  // pooled pixels summed in acc_t before the double partials
-        const auto sums = sum_over_pixel_blocks<double>(pooled_extent, 2 * channels,
-                                                        [&](int64_t q_begin, int64_t q_end, double* partial) {
-          std::vector<acc_t> tile_dy(channels), tile_dy_xhat(channels);
-          for (int64_t tile = q_begin; tile < q_end; tile += kTile) {
-            std::fill(tile_dy.begin(), tile_dy.end(), acc_t(0));
-            std::fill(tile_dy_xhat.begin(), tile_dy_xhat.end(), acc_t(0));
-            pool_sums_pixels(in, grad, pooled_extent, pe, columns, tile, std::min(tile + kTile, q_end), tile_dy.data(),
-                             tile_dy_xhat.data());
-            for (int64_t c = 0; c < channels; ++c) {
-              partial[c] += static_cast<double>(tile_dy[c]);
-              partial[channels + c] += static_cast<double>(tile_dy_xhat[c]);
-            }
-          }
-        });
-        for (int64_t c = 0; c < channels; ++c) {
-          total_dy[c] += sums[c];
-          total_dy_xhat[c] += sums[channels + c];
-        }
+        constexpr int64_t kTile = 16;  // pooled pixels summed in acc_t before the float64 partials
+        add_channels_last_sums<acc_t>(pooled_extent, kTile, [&](int64_t q_begin, int64_t q_end, acc_t* dy,
+                                                                acc_t* dy_xhat) {
+          pool_sums_pixels(in, grad, pooled_extent, pe, columns, q_begin, q_end, dy, dy_xhat);
+        }, sum_dy_xhat, sum_dy);
       } else {
+        double* total_dy_xhat = sum_dy_xhat.data_ptr<double>();
+        double* total_dy = sum_dy.data_ptr<double>();
         parallel_over_channels(e, [&](int64_t c_begin, int64_t c_end) {
           for (int64_t c = c_begin; c < c_end; ++c) {
             double channel_dy = 0, channel_dy_xhat = 0;

@@ -90,11 +90,14 @@ void with_layout(bool channels_last, const F& f) {
   if (channels_last) f(std::true_type{}); else f(std::false_type{});
 }
 
+// Pixels of an [N, C, H, W] operand: the extent of a kernel's pixel loop.
+int64_t pixels_of(const at::Tensor& t) { return t.size(0) * t.size(2) * t.size(3); }
+
 // Grid of a kernel over x: enough pixel chunks that all channel tiles together fill the GPU.
 template <bool kChannelsLast>
 dim3 grid_for(const at::Tensor& x) {
   using T = Tile<kChannelsLast>;
-  const int64_t channels = x.size(1), pixels = x.size(0) * x.size(2) * x.size(3);
+  const int64_t channels = x.size(1), pixels = pixels_of(x);
   const int64_t channel_tiles = (channels + T::kChannelLanes - 1) / T::kChannelLanes;
   const int64_t wanted = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * kBlocksPerSm;
   const int64_t useful = (pixels + T::kPixelLanes - 1) / T::kPixelLanes;
@@ -201,6 +204,23 @@ __global__ void bn_relu_forward_kernel(Plane<const scalar_t, index_t> x, DeviceB
   }
 }
 
+// Reduces the threads' sums of dy * x_hat and dy over the block's pixel lanes and writes the
+// block's partials of channel c, one per pixel chunk (blockIdx.y); add_partials_kernel adds them up.
+template <bool kChannelsLast, typename acc_t, typename index_t>
+__device__ void write_chunk_sums(index_t c, index_t channels, acc_t dy_xhat, acc_t dy, acc_t* partial_dy_xhat,
+                                 acc_t* partial_dy) {
+  __shared__ acc_t sums_dy_xhat[kThreads], sums_dy[kThreads];
+  sums_dy_xhat[threadIdx.x] = dy_xhat, sums_dy[threadIdx.x] = dy;
+  reduce_pixel_lanes<kChannelsLast>([&](int into, int from) {
+    sums_dy_xhat[into] += sums_dy_xhat[from];
+    sums_dy[into] += sums_dy[from];
+  });
+  if (Tile<kChannelsLast>::pixel_lane() == 0 && c < channels) {
+    partial_dy_xhat[int64_t(blockIdx.y) * channels + c] = sums_dy_xhat[threadIdx.x];
+    partial_dy[int64_t(blockIdx.y) * channels + c] = sums_dy[threadIdx.x];
+  }
+}
+
 // dy = grad_out * relu mask; accumulated = (accumulate ? accumulated : 0) + scale * dy; and per
 // chunk and channel the partial sums of dy * x_hat and dy.
 template <typename scalar_t, typename acc_t, typename index_t, bool kChannelsLast>
@@ -208,7 +228,6 @@ __global__ void bn_relu_backward_kernel(Plane<const scalar_t, index_t> x, Plane<
                                         DeviceBn<acc_t> bn, Plane<acc_t, index_t> accumulated, bool accumulate,
                                         index_t channels, index_t pixels, acc_t* partial_dy_xhat, acc_t* partial_dy) {
   using T = Tile<kChannelsLast>;
-  __shared__ acc_t sums_dy_xhat[kThreads], sums_dy[kThreads];
   const index_t c = T::channel();
   acc_t dy_xhat = 0, dy_total = 0;
   if (c < channels) {
@@ -222,15 +241,7 @@ __global__ void bn_relu_backward_kernel(Plane<const scalar_t, index_t> x, Plane<
       slot = (accumulate ? slot : acc_t(0)) + a.scale * dy;
     }
   }
-  sums_dy_xhat[threadIdx.x] = dy_xhat, sums_dy[threadIdx.x] = dy_total;
-  reduce_pixel_lanes<kChannelsLast>([&](int into, int from) {
-    sums_dy_xhat[into] += sums_dy_xhat[from];
-    sums_dy[into] += sums_dy[from];
-  });
-  if (T::pixel_lane() == 0 && c < channels) {
-    partial_dy_xhat[int64_t(blockIdx.y) * channels + c] = sums_dy_xhat[threadIdx.x];
-    partial_dy[int64_t(blockIdx.y) * channels + c] = sums_dy[threadIdx.x];
-  }
+  write_chunk_sums<kChannelsLast>(c, channels, dy_xhat, dy_total, partial_dy_xhat, partial_dy);
 }
 
 // total[c] += the chunks' partials of channel c, added in chunk order (float64 totals).
@@ -316,7 +327,6 @@ __global__ void bn_relu_pool_sums_kernel(Plane<const scalar_t, index_t> x, Plane
                                          DeviceBn<acc_t> bn, PoolGeometry<index_t> geometry, index_t channels,
                                          index_t pooled_pixels, acc_t* partial_dy_xhat, acc_t* partial_dy) {
   using T = Tile<kChannelsLast>;
-  __shared__ acc_t sums_dy_xhat[kThreads], sums_dy[kThreads];
   const index_t c = T::channel();
   acc_t dy_xhat = 0, dy_total = 0;
   if (c < channels) {
@@ -332,15 +342,7 @@ __global__ void bn_relu_pool_sums_kernel(Plane<const scalar_t, index_t> x, Plane
         }
     }
   }
-  sums_dy_xhat[threadIdx.x] = dy_xhat, sums_dy[threadIdx.x] = dy_total;
-  reduce_pixel_lanes<kChannelsLast>([&](int into, int from) {
-    sums_dy_xhat[into] += sums_dy_xhat[from];
-    sums_dy[into] += sums_dy[from];
-  });
-  if (T::pixel_lane() == 0 && c < channels) {
-    partial_dy_xhat[int64_t(blockIdx.y) * channels + c] = sums_dy_xhat[threadIdx.x];
-    partial_dy[int64_t(blockIdx.y) * channels + c] = sums_dy[threadIdx.x];
-  }
+  write_chunk_sums<kChannelsLast>(c, channels, dy_xhat, dy_total, partial_dy_xhat, partial_dy);
 }
 
 // One thread per (channel, input pixel); proj_mean is null in eval mode.
@@ -368,6 +370,24 @@ __global__ void bn_relu_pool_input_grad_kernel(Plane<const scalar_t, index_t> x,
 }
 
 // ---- launchers ----------------------------------------------------------------------------
+
+// The per-channel sums of a two-stage kernel: launch(partial_dy_xhat, partial_dy) runs it over
+// `grid`, writing one partial per pixel chunk and channel (write_chunk_sums); add_partials_kernel
+// then adds them in chunk order into the float64 totals.
+template <typename acc_t, typename Launch>
+void sum_chunk_partials(const at::Tensor& x, const dim3& grid, const at::Tensor& sum_dy_xhat, const at::Tensor& sum_dy,
+                        const Launch& launch) {
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t channels = x.size(1);
+  const at::Tensor partial =
+      at::empty({2, int64_t(grid.y), channels}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  launch(partial[0].data_ptr<acc_t>(), partial[1].data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  add_partials_kernel<acc_t><<<blocks_for_channels(channels), kThreads, 0, stream>>>(
+      partial[0].data_ptr<acc_t>(), partial[1].data_ptr<acc_t>(), grid.y, channels, sum_dy_xhat.data_ptr<double>(),
+      sum_dy.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 // Runs launch(scalar_t, index_t, channels_last) for x's dtype, the narrowest index type that
 // fits every operand, and the layout; nothing for an empty x.
@@ -397,7 +417,7 @@ void channel_moments(const at::Tensor& x, const at::Tensor& mean, const at::Tens
         at::empty({int64_t(grid.y) * channels * int64_t(sizeof(Welford<sum_t>))}, x.options().dtype(at::kByte));
     auto* states = reinterpret_cast<Welford<sum_t>*>(partial.data_ptr());
     moments_partial_kernel<scalar_t, sum_t, index_t, kChannelsLast><<<grid, kThreads, 0, stream>>>(
-        plane<const scalar_t, index_t>(x), index_t(channels), index_t(x.size(0) * x.size(2) * x.size(3)), states);
+        plane<const scalar_t, index_t>(x), index_t(channels), index_t(pixels_of(x)), states);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     moments_final_kernel<sum_t, stat_t><<<blocks_for_channels(channels), kThreads, 0, stream>>>(
         states, grid.y, channels, mean.data_ptr<stat_t>(), var.data_ptr<stat_t>());
@@ -417,7 +437,7 @@ void bn_relu_forward(const at::Tensor& x, const BnParams& bn, const at::Tensor& 
     constexpr bool kChannelsLast = decltype(layout)::value;
     bn_relu_forward_kernel<scalar_t, acc_t, index_t, kChannelsLast><<<grid_for<kChannelsLast>(x), kThreads, 0, stream>>>(
         plane<const scalar_t, index_t>(x), device_bn<acc_t>(bn), plane<scalar_t, index_t>(out), index_t(x.size(1)),
-        index_t(x.size(0) * x.size(2) * x.size(3)));
+        index_t(pixels_of(x)));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -438,17 +458,12 @@ void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnP
     using acc_t = at::opmath_type<scalar_t>;
     constexpr bool kChannelsLast = decltype(layout)::value;
     const dim3 grid = grid_for<kChannelsLast>(x);
-    const int64_t channels = x.size(1);
-    const at::Tensor partial = at::empty({2, int64_t(grid.y), channels}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    bn_relu_backward_kernel<scalar_t, acc_t, index_t, kChannelsLast><<<grid, kThreads, 0, stream>>>(
-        plane<const scalar_t, index_t>(x), plane<const scalar_t, index_t>(grad_out), device_bn<acc_t>(bn),
-        plane<acc_t, index_t>(accumulated), accumulate, index_t(channels), index_t(x.size(0) * x.size(2) * x.size(3)),
-        partial[0].data_ptr<acc_t>(), partial[1].data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    add_partials_kernel<acc_t><<<blocks_for_channels(channels), kThreads, 0, stream>>>(
-        partial[0].data_ptr<acc_t>(), partial[1].data_ptr<acc_t>(), grid.y, channels, sum_dy_xhat.data_ptr<double>(),
-        sum_dy.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sum_chunk_partials<acc_t>(x, grid, sum_dy_xhat, sum_dy, [&](acc_t* partial_dy_xhat, acc_t* partial_dy) {
+      bn_relu_backward_kernel<scalar_t, acc_t, index_t, kChannelsLast><<<grid, kThreads, 0, stream>>>(
+          plane<const scalar_t, index_t>(x), plane<const scalar_t, index_t>(grad_out), device_bn<acc_t>(bn),
+          plane<acc_t, index_t>(accumulated), accumulate, index_t(x.size(1)), index_t(pixels_of(x)), partial_dy_xhat,
+          partial_dy);
+    });
   });
 }
 
@@ -473,12 +488,10 @@ void bn_input_grad(const at::Tensor& x, const BnParams& stats, const at::Tensor&
         plane<const scalar_t, index_t>(has_direct ? direct : out), has_direct,
         proj_mean.defined() ? proj_mean.data_ptr<acc_t>() : nullptr,
         proj_xhat.defined() ? proj_xhat.data_ptr<acc_t>() : nullptr, plane<scalar_t, index_t>(out),
-        index_t(x.size(1)), index_t(x.size(0) * x.size(2) * x.size(3)));
+        index_t(x.size(1)), index_t(pixels_of(x)));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
-
-int64_t pixels_of(const at::Tensor& t) { return t.size(0) * t.size(2) * t.size(3); }
 
 void bn_relu_pool(const at::Tensor& x, const BnParams& bn, const at::Tensor& pooled, bool channels_last) {
   check_same_cuda_device("dense_ops bn_relu_pool", {{"x", x}, {"bn.weight", bn.weight}, {"bn.bias", bn.bias},
@@ -510,18 +523,12 @@ void bn_relu_pool_sums(const at::Tensor& x, const at::Tensor& grad_pooled, const
     using acc_t = at::opmath_type<scalar_t>;
     constexpr bool kChannelsLast = decltype(layout)::value;
     const dim3 grid = grid_for<kChannelsLast>(grad_pooled);
-    const int64_t channels = x.size(1);
-    const at::Tensor partial =
-        at::empty({2, int64_t(grid.y), channels}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    bn_relu_pool_sums_kernel<scalar_t, acc_t, index_t, kChannelsLast><<<grid, kThreads, 0, stream>>>(
-        plane<const scalar_t, index_t>(x), plane<const scalar_t, index_t>(grad_pooled), device_bn<acc_t>(bn),
-        pool_geometry<index_t>(x, grad_pooled), index_t(channels), index_t(pixels_of(grad_pooled)),
-        partial[0].data_ptr<acc_t>(), partial[1].data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    add_partials_kernel<acc_t><<<blocks_for_channels(channels), kThreads, 0, stream>>>(
-        partial[0].data_ptr<acc_t>(), partial[1].data_ptr<acc_t>(), grid.y, channels, sum_dy_xhat.data_ptr<double>(),
-        sum_dy.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sum_chunk_partials<acc_t>(x, grid, sum_dy_xhat, sum_dy, [&](acc_t* partial_dy_xhat, acc_t* partial_dy) {
+      bn_relu_pool_sums_kernel<scalar_t, acc_t, index_t, kChannelsLast><<<grid, kThreads, 0, stream>>>(
+          plane<const scalar_t, index_t>(x), plane<const scalar_t, index_t>(grad_pooled), device_bn<acc_t>(bn),
+          pool_geometry<index_t>(x, grad_pooled), index_t(x.size(1)), index_t(pixels_of(grad_pooled)),
+          partial_dy_xhat, partial_dy);
+    });
   });
 }
 
