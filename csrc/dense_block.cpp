@@ -37,6 +37,13 @@ BnParams bn_params(const Block& block, int64_t layer, bool second, const at::Ten
 
 }  // namespace
 
+void add_projections(const BnParams& bn, const at::Tensor& sum_dy_xhat, const at::Tensor& sum_dy, int64_t count,
+                     const at::Tensor& proj_mean, const at::Tensor& proj_xhat) {
+  const at::Tensor scale = bn.weight * (bn.var + bn.eps).rsqrt() / static_cast<double>(count);
+  proj_mean.add_(scale * sum_dy);
+  proj_xhat.add_(scale * sum_dy_xhat);
+}
+
 BnParams Block::bn1(int64_t l) const {
   if (!training) return bn_params(*this, l, false, {}, {});
   const int64_t c = shape.channels(l);
@@ -66,15 +73,6 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad_out, con
       grad_out, x, weight, std::nullopt, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1, {true, need_weight, false});
   if (need_weight) grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
   return {grad_input.contiguous(format), grad_weight};
-}
-
-// Per channel, once all readers of a batch norm have added their sums:
-// proj_mean += scale * sum(dy) / M and proj_xhat += scale * sum(dy * x_hat) / M (see common/bn_math.h).
-void add_projections(const BnParams& bn, const at::Tensor& sum_dy_xhat, const at::Tensor& sum_dy, int64_t count,
-                     const at::Tensor& proj_mean, const at::Tensor& proj_xhat) {
-  const at::Tensor scale = bn.weight * (bn.var + bn.eps).rsqrt() / static_cast<double>(count);
-  proj_mean.add_(scale * sum_dy);
-  proj_xhat.add_(scale * sum_dy_xhat);
 }
 
 // Statistics of channels [start, start + length) for bn_input_grad (none in eval mode).

@@ -22,6 +22,11 @@ struct BnParams {
   double eps;
 };
 
+// Per channel, once all readers of a batch norm have added their sums (float64):
+// proj_mean += scale * sum(dy) / M and proj_xhat += scale * sum(dy * x_hat) / M (common/bn_math.h).
+void add_projections(const BnParams& bn, const at::Tensor& sum_dy_xhat, const at::Tensor& sum_dy, int64_t count,
+                     const at::Tensor& proj_mean, const at::Tensor& proj_xhat);
+
 // Position of each parameter of a layer in the flat `layer_params` list: the one definition
 // of the layout (Python reads it through dense_ops._C.layer_param_names()).
 enum LayerParam : int64_t {

@@ -91,11 +91,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward(
   if (input_needs_grad) {
     grad_input = at::empty_like(x, x.options().memory_format(format));
     at::Tensor proj_mean, proj_xhat;
-    if (training) {  // the batch-statistics projections, scale * sum / M (common/bn_math.h)
-      const double count = static_cast<double>(x.size(0) * x.size(2) * x.size(3));
-      const at::Tensor scale = bn.weight * (bn.var + eps).rsqrt() / count;
-      proj_mean = (scale * sums[1]).to(scale.scalar_type());
-      proj_xhat = (scale * sums[0]).to(scale.scalar_type());
+    if (training) {  // the batch-statistics projections
+      proj_mean = at::zeros_like(bn.mean), proj_xhat = at::zeros_like(bn.mean);
+      add_projections(bn, sums[0], sums[1], x.size(0) * x.size(2) * x.size(3), proj_mean, proj_xhat);
     }
     if (x.numel() > 0) kernels.bn_relu_pool_input_grad(x, grad, bn, proj_mean, proj_xhat, grad_input, channels_last);
   }
