@@ -57,13 +57,23 @@ void parallel_over_channels(const Extent& e, const Chunk& chunk) {
   at::parallel_for(0, e.channels, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(1, e.per_channel())), chunk);
 }
 
+// Runs pixel(n, s) for pixels [p_begin, p_end) in order, stepping (n, s) without a division per
+// pixel (which costs as much as a short channels-last run).
+template <typename Pixel>
+void for_each_pixel(const Extent& e, int64_t p_begin, int64_t p_end, const Pixel& pixel) {
+  int64_t n = p_begin / e.spatial, s = p_begin % e.spatial;
+  for (int64_t p = p_begin; p < p_end; ++p) {
+    pixel(n, s);
+    if (++s == e.spatial) s = 0, ++n;
+  }
+}
+
 // Runs pixel(n, s) for every pixel, in parallel over pixel ranges of a useful size (channels-last).
 template <typename Pixel>
 void parallel_over_pixels(const Extent& e, const Pixel& pixel) {
   const int64_t grain = std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(1, e.channels));
-  at::parallel_for(0, e.per_channel(), grain, [&](int64_t p_begin, int64_t p_end) {
-    for (int64_t p = p_begin; p < p_end; ++p) pixel(p / e.spatial, p % e.spatial);
-  });
+  at::parallel_for(0, e.per_channel(), grain,
+                   [&](int64_t p_begin, int64_t p_end) { for_each_pixel(e, p_begin, p_end, pixel); });
 }
 
 // Channels-last reductions: the pixels split into at most kPixelBlocks fixed blocks, and the
@@ -160,10 +170,10 @@ void moments(const Plane<scalar_t, kChannelsLast>& in, const Extent& e, sum_t* m
   const sum_t count = static_cast<sum_t>(e.per_channel());
   if (kChannelsLast) {
     const auto add_pixels = [&](int64_t p_begin, int64_t p_end, const auto& add) {
-      for (int64_t p = p_begin; p < p_end; ++p) {
-        const scalar_t* __restrict__ x = &in(p / e.spatial, 0, p % e.spatial);
+      for_each_pixel(e, p_begin, p_end, [&](int64_t n, int64_t s) {
+        const scalar_t* __restrict__ x = &in(n, 0, s);
         for (int64_t c = 0; c < e.channels; ++c) add(c, static_cast<sum_t>(x[c]));
-      }
+      });
     };
     const auto sums = sum_over_pixel_blocks<sum_t>(e, e.channels, [&](int64_t p0, int64_t p1, sum_t* partial) {
       add_pixels(p0, p1, [&](int64_t c, sum_t x) { partial[c] += x; });
@@ -329,11 +339,10 @@ void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnP
           const AffineColumns<acc_t> columns(channel_affines);
           constexpr int64_t kTile = 64;  // pixels summed in acc_t before the float64 partials
           add_channels_last_sums<acc_t>(e, kTile, [&](int64_t p_begin, int64_t p_end, acc_t* dy, acc_t* dy_xhat) {
-            for (int64_t p = p_begin; p < p_end; ++p) {
-              const int64_t n = p / e.spatial, s = p % e.spatial;
+            for_each_pixel(e, p_begin, p_end, [&](int64_t n, int64_t s) {
               backward_pixel_run<kAccumulate>(&in(n, 0, s), &dz(n, 0, s), &acc(n, 0, s), e.channels, columns, dy,
                                               dy_xhat);
-            }
+            });
           }, sum_dy_xhat, sum_dy);
         } else {
           double* total_dy_xhat = sum_dy_xhat.data_ptr<double>();
@@ -366,36 +375,40 @@ void bn_input_grad(const at::Tensor& x, const BnParams& stats, const at::Tensor&
   const Extent e(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dense_ops_bn_input_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    // Compile-time flags keep the inner loops free of branches, so that they vectorize. Eval
+    // mode has no projections (the statistics are constants) and x does not enter the gradient.
     with_flag(channels_last, [&](auto layout) {
-      constexpr bool kChannelsLast = decltype(layout)::value;
-      const Plane<scalar_t, kChannelsLast> in(x), result(out);
-      const Plane<acc_t, kChannelsLast> acc(accumulated);
-      const bool has_direct = direct.defined();
-      const Plane<scalar_t, kChannelsLast> dir(has_direct ? direct : out);
-      const bool has_proj = proj_mean.defined();  // eval mode has none: the statistics are constants
-      const acc_t* pm = has_proj ? proj_mean.data_ptr<acc_t>() : nullptr;
-      const acc_t* px = has_proj ? proj_xhat.data_ptr<acc_t>() : nullptr;
-      const AffineColumns<acc_t> norm(has_proj ? normalizers<acc_t>(stats, e.channels)
-                                               : std::vector<math::BnAffine<acc_t>>(e.channels));
-      const auto column = [&](int64_t c) {
-        return has_proj ? InputGradColumn<acc_t>{norm.at(c), pm[c], px[c]} : InputGradColumn<acc_t>{};
-      };
-      parallel_runs<kChannelsLast>(e, column, [&](int64_t n, int64_t c, int64_t s, int64_t length, auto column_at) {
-        const scalar_t* __restrict__ x_run = &in(n, c, s);
-        const scalar_t* __restrict__ direct_run = &dir(n, c, s);
-        const acc_t* __restrict__ acc_run = &acc(n, c, s);
-        scalar_t* __restrict__ out_run = &result(n, c, s);
-        for (int64_t j = 0; j < length; ++j) {
-          const acc_t direct_grad = has_direct ? static_cast<acc_t>(direct_run[j]) : acc_t(0);
-          if (!has_proj) {  // eval mode: x does not enter the gradient (not even a NaN in it)
-            out_run[j] = static_cast<scalar_t>(direct_grad + acc_run[j]);
-            continue;
-          }
-          const auto col = column_at(j);
-          const acc_t x_hat = math::normalized(static_cast<acc_t>(x_run[j]), col.norm);
-          out_run[j] = static_cast<scalar_t>(
-              math::final_input_grad(direct_grad, acc_run[j], x_hat, col.proj_mean, col.proj_xhat));
-        }
+      with_flag(direct.defined(), [&](auto direct_flag) {
+        with_flag(proj_mean.defined(), [&](auto projections) {
+          constexpr bool kChannelsLast = decltype(layout)::value, kDirect = decltype(direct_flag)::value;
+          constexpr bool kProjections = decltype(projections)::value;
+          const Plane<scalar_t, kChannelsLast> in(x), result(out), dir(kDirect ? direct : out);
+          const Plane<acc_t, kChannelsLast> acc(accumulated);
+          const acc_t* pm = kProjections ? proj_mean.data_ptr<acc_t>() : nullptr;
+          const acc_t* px = kProjections ? proj_xhat.data_ptr<acc_t>() : nullptr;
+          const AffineColumns<acc_t> norm(kProjections ? normalizers<acc_t>(stats, e.channels)
+                                                       : std::vector<math::BnAffine<acc_t>>(e.channels));
+          const auto column = [&](int64_t c) {
+            return kProjections ? InputGradColumn<acc_t>{norm.at(c), pm[c], px[c]} : InputGradColumn<acc_t>{};
+          };
+          parallel_runs<kChannelsLast>(e, column, [&](int64_t n, int64_t c, int64_t s, int64_t length, auto column_at) {
+            const scalar_t* __restrict__ x_run = &in(n, c, s);
+            const scalar_t* __restrict__ direct_run = &dir(n, c, s);
+            const acc_t* __restrict__ acc_run = &acc(n, c, s);
+            scalar_t* __restrict__ out_run = &result(n, c, s);
+            for (int64_t j = 0; j < length; ++j) {
+              const acc_t direct_grad = kDirect ? static_cast<acc_t>(direct_run[j]) : acc_t(0);
+              if constexpr (kProjections) {
+                const auto col = column_at(j);
+                const acc_t x_hat = math::normalized(static_cast<acc_t>(x_run[j]), col.norm);
+                out_run[j] = static_cast<scalar_t>(
+                    math::final_input_grad(direct_grad, acc_run[j], x_hat, col.proj_mean, col.proj_xhat));
+              } else {
+                out_run[j] = static_cast<scalar_t>(direct_grad + acc_run[j]);
+              }
+            }
+          });
+        });
       });
     });
   });
