@@ -168,16 +168,17 @@ ForwardResult dense_block_forward(const at::Tensor& input, at::TensorList params
 
 namespace {
 
-// Buffers of the backward pass, allocated once per call and reused by every layer.
+// Buffers of the backward pass, allocated once per call and reused by every layer. The sums
+// hold one layer at a time (the gradients copy them out): [L, ...] buffers would grow with L^2.
 struct BackwardWorkspace {
   at::Tensor accumulated;           // scale * dy summed over every reader of each channel (stats dtype)
   at::Tensor proj_mean, proj_xhat;  // the per-channel batch-statistics projections (training only)
-  at::Tensor layer_sums;            // [L, 2, C]: each layer's sum(dy * x_hat) and sum(dy), float64
+  at::Tensor layer_sums;            // [2, C]: the layer's sum(dy * x_hat) and sum(dy), float64
   at::Tensor finalized;             // one layer's final new-channel gradient
   at::Tensor recomputed_bottleneck; // conv1's output, recomputed ("bottleneck" level)
   at::Tensor z2, accumulated2;      // BN2-ReLU output / its gradient, and BN2's accumulator
-  at::Tensor bottleneck_sums;       // [L, 2, width], float64
-  at::Tensor bottleneck_proj;       // [L, 2, width]
+  at::Tensor bottleneck_sums;       // [2, width], float64
+  at::Tensor bottleneck_proj;       // [2, width]
 };
 
 BackwardWorkspace backward_workspace(const Block& block, bool keep_bottleneck) {
@@ -191,14 +192,14 @@ BackwardWorkspace backward_workspace(const Block& block, bool keep_bottleneck) {
     workspace.proj_mean = at::zeros({max_channels}, acc_options);
     workspace.proj_xhat = at::zeros({max_channels}, acc_options);
   }
-  workspace.layer_sums = at::zeros({shape.num_layers, 2, max_channels}, sum_options);
+  workspace.layer_sums = at::empty({2, max_channels}, sum_options);
   workspace.finalized = block.empty(shape.growth, dtype);
   if (block.bottleneck) {
     if (!keep_bottleneck) workspace.recomputed_bottleneck = block.empty_bottleneck(dtype);
     workspace.z2 = block.empty_bottleneck(dtype);
     workspace.accumulated2 = block.empty_bottleneck(block.acc);
-    workspace.bottleneck_sums = at::zeros({shape.num_layers, 2, shape.bottleneck_width}, sum_options);
-    workspace.bottleneck_proj = at::zeros({shape.num_layers, 2, shape.bottleneck_width}, acc_options);
+    workspace.bottleneck_sums = at::empty({2, shape.bottleneck_width}, sum_options);
+    workspace.bottleneck_proj = at::empty({2, shape.bottleneck_width}, acc_options);
   }
   return workspace;
 }
@@ -219,12 +220,13 @@ at::Tensor bottleneck_output_backward(const Block& block, int64_t l, const at::T
   block.kernels.bn_relu_forward(bottleneck_out, bn2, workspace.z2, channels_last);
   auto [grad_z2, grad_conv2] =
       conv_backward(grad_new, workspace.z2, block.weight(l, kConv2Weight), need_weights, block.bottleneck_format());
-  const at::Tensor sum_dy_xhat = workspace.bottleneck_sums[l][0], sum_dy = workspace.bottleneck_sums[l][1];
+  const at::Tensor sum_dy_xhat = workspace.bottleneck_sums[0], sum_dy = workspace.bottleneck_sums[1];
+  workspace.bottleneck_sums.zero_();
   block.kernels.bn_relu_backward(bottleneck_out, grad_z2, bn2, workspace.accumulated2, false, sum_dy_xhat, sum_dy,
                                  channels_last);
   at::Tensor proj_mean, proj_xhat;
   if (block.training) {
-    proj_mean = workspace.bottleneck_proj[l][0], proj_xhat = workspace.bottleneck_proj[l][1];
+    proj_mean = workspace.bottleneck_proj[0].zero_(), proj_xhat = workspace.bottleneck_proj[1].zero_();
     add_projections(bn2, sum_dy_xhat, sum_dy, block.count(), proj_mean, proj_xhat);
     block.sync.sum({proj_mean, proj_xhat});  // the weight gradients stay this rank's own
   }
@@ -309,8 +311,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dense_block_backward(
     }
     if (dropout_mask.has_value()) grad_new = grad_new * dropout_mask->narrow(1, l * shape.growth, shape.growth);
 
-    const at::Tensor sum_dy_xhat = workspace.layer_sums[l][0].narrow(0, 0, channels);
-    const at::Tensor sum_dy = workspace.layer_sums[l][1].narrow(0, 0, channels);
+    const at::Tensor sums = workspace.layer_sums.narrow(1, 0, channels).zero_();
+    const at::Tensor sum_dy_xhat = sums[0], sum_dy = sums[1];
     if (bottleneck) {
       const at::Tensor& out = keep_bottleneck ? saved[l] : workspace.recomputed_bottleneck;
       if (!keep_bottleneck) bottleneck_forward(block, l, out);
