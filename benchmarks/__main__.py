@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--depth-search", action=argparse.BooleanOptionalAction,
                         help="search the deepest block within the budget by measurement (default: --full and "
                              "--smoke; --quick reports only a quadratic fit, labelled as such)")
+    parser.add_argument("--sweep-timing", action=argparse.BooleanOptionalAction,
+                        help="time the depth sweep's rows (default: --full and --smoke; without it the sweep "
+                             "and the search measure memory only)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration")
     args = parser.parse_args(argv)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.size == "full" else 0)
@@ -55,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.budget_gib = SIZES[args.size]["budget_gib"]
     if args.depth_search is None:
         args.depth_search = SIZES[args.size]["sweep"]["search"]
+    if args.sweep_timing is None:
+        args.sweep_timing = SIZES[args.size]["sweep"]["timed"]
     for name in ("repeats", "threads", "budget_gib", "timeout"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")

@@ -17,9 +17,9 @@ from .workloads import (COMPILED_IMPLEMENTATIONS, CONDENSENET_IMPLEMENTATIONS, I
 # DenseNet-BC-100 costs some 15 s per process.
 # "smoke" is tiny: seconds per configuration, for checking the benchmark machinery only.
 # "training": the rows of each training suite. The depth sweep runs blocks at the 8x8 resolution
-# of a CIFAR DenseNet's last block, C0 = 2k; "timed": whether its rows are timed too (else memory
-# only); "search": whether the deepest block within the memory budget is searched for by measurement
-# (else only the quadratic fit, labelled so).
+# of a CIFAR DenseNet's last block, C0 = 2k; "timed": whether its rows are timed too by default
+# (--sweep-timing; else memory only); "search": whether the deepest block within the memory budget is
+# searched for by measurement (else only the quadratic fit, labelled so).
 EVERY_TRAINING_ROW = IMPLEMENTATIONS + COMPILED_IMPLEMENTATIONS
 SIZES = {
     "full": {"suites": ("block", "densenet_bc100", "densenet121", "depth", "inference", "condensenet"),
@@ -110,7 +110,7 @@ def depth(options) -> list[dict]:
             # one correctness check per implementation and growth rate (the block suite checks the rest)
             if config["shape"]["num_layers"] != depths[0]:
                 config.update(check=False, unchecked_because=f"checked at L={depths[0]}")
-            config["timed"] = sweep["timed"]
+            config["timed"] = options.sweep_timing
             configs.append(config)
     return configs
 

@@ -88,3 +88,14 @@ def test_quick_set_only_times_compiled_rows():
     compiled = [c for c in configs if split_compiled(c["impl"])[1]]
     assert compiled and all(c["memory"] is False and c["check"] is False for c in compiled)
     assert all(c.get("memory", True) for c in configs if not split_compiled(c["impl"])[1])
+
+
+def test_sweep_timing_switch():
+    """--no-sweep-timing makes --full's depth sweep (both growth rates) measure memory only."""
+    from benchmarks.__main__ import parse_args
+    from benchmarks.suites import SUITES
+    for argv, timed in ((["--full"], True), (["--full", "--no-sweep-timing"], False), (["--quick"], False),
+                        (["--quick", "--sweep-timing"], True)):
+        configs = SUITES["depth"](parse_args(argv))
+        assert configs and all(config["timed"] is timed for config in configs), argv
+    assert {c["shape"]["growth"] for c in SUITES["depth"](parse_args(["--full", "--no-sweep-timing"]))} == {12, 32}
