@@ -9,6 +9,8 @@
 // Argument checks live in block_checks.cpp, the process-group collectives in stat_sync.cpp.
 #include "dense_block.h"
 
+#include <map>
+
 #include "block.h"
 
 namespace dense_ops {
@@ -362,12 +364,26 @@ void update_running_stats(at::TensorList running_mean, at::TensorList running_va
               "same length");
   TORCH_CHECK(count > 1, "update_running_stats: count must be > 1 (the unbiased variance needs two values), got ", count);
   const double bessel = static_cast<double>(count) / static_cast<double>(count - 1);
+  // One multi-tensor update per distinct momentum (usually a single one): on a GPU four launches
+  // per block instead of three per BN, and no temporaries (the list ops take mixed dtypes).
+  std::map<double, std::vector<size_t>> by_momentum;
   for (size_t i = 0; i < n; ++i) {
     TORCH_CHECK(running_mean[i].sizes() == batch_mean[i].sizes() && running_var[i].sizes() == batch_var[i].sizes(),
                 "update_running_stats: entry ", i, " has mismatched running and batch statistics shapes");
-    // running = (1 - momentum) * running + momentum * batch, as nn.BatchNorm2d does.
-    running_mean[i].lerp_(batch_mean[i].to(running_mean[i].scalar_type()), momentum[i]);
-    running_var[i].lerp_((batch_var[i] * bessel).to(running_var[i].scalar_type()), momentum[i]);
+    by_momentum[momentum[i]].push_back(i);
+  }
+  for (const auto& [weight, entries] : by_momentum) {
+    std::vector<at::Tensor> means, vars, new_means, new_vars;
+    for (const size_t i : entries) {
+      means.push_back(running_mean[i]), vars.push_back(running_var[i]);
+      new_means.push_back(batch_mean[i]), new_vars.push_back(batch_var[i]);
+    }
+    // running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance, as
+    // nn.BatchNorm2d's kernels compute it.
+    at::_foreach_mul_(means, 1 - weight);
+    at::_foreach_add_(means, new_means, weight);
+    at::_foreach_mul_(vars, 1 - weight);
+    at::_foreach_add_(vars, new_vars, weight * bessel);
   }
 }
 

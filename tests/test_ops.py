@@ -71,6 +71,27 @@ def test_update_running_stats_matches_batch_norm():
     torch.testing.assert_close(var, bn.running_var)
 
 
+def test_update_running_stats_mixed_momenta_and_dtypes():
+    """BNs are grouped by momentum for the multi-tensor update: each keeps its own momentum, and
+    float16 running statistics take float32 batch statistics (as in a model.half() network)."""
+    x = [torch.randn(8, channels, 3, 3) for channels in (3, 5, 4)]
+    bns = [torch.nn.BatchNorm2d(xi.size(1), momentum=m) for xi, m in zip(x, (0.1, 0.3, 0.1))]
+    for bn in bns:
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    means = [bn.running_mean.clone() for bn in bns]
+    variances = [bn.running_var.clone() for bn in bns]
+    means[2], variances[2] = means[2].half(), variances[2].half()
+    for bn, xi in zip(bns, x):
+        bn(xi)
+    dense_ops.ops.update_running_stats(means, variances, [xi.mean((0, 2, 3)) for xi in x],
+                                       [xi.var((0, 2, 3), unbiased=False) for xi in x], [0.1, 0.3, 0.1], 72)
+    for bn, mean, var in zip(bns, means, variances):
+        tolerance = {"rtol": 1e-3, "atol": 1e-3} if mean.dtype == torch.float16 else {}
+        torch.testing.assert_close(mean.float(), bn.running_mean, **tolerance)
+        torch.testing.assert_close(var.float(), bn.running_var, **tolerance)
+    assert means[2].dtype == variances[2].dtype == torch.float16
+
+
 # ---- bad input: a clear error naming the argument -------------------------------------------
 
 def test_wrong_channel_count():
