@@ -228,7 +228,8 @@ at::Tensor bottleneck_output_backward(const Block& block, int64_t l, const at::T
                                  channels_last);
   at::Tensor proj_mean, proj_xhat;
   if (block.training) {
-    proj_mean = workspace.bottleneck_proj[0].zero_(), proj_xhat = workspace.bottleneck_proj[1].zero_();
+    workspace.bottleneck_proj.zero_();
+    proj_mean = workspace.bottleneck_proj[0], proj_xhat = workspace.bottleneck_proj[1];
     add_projections(bn2, sum_dy_xhat, sum_dy, block.count(), proj_mean, proj_xhat);
     block.sync.sum({proj_mean, proj_xhat});  // the weight gradients stay this rank's own
   }
