@@ -365,8 +365,9 @@ void update_running_stats(at::TensorList running_mean, at::TensorList running_va
               "same length");
   TORCH_CHECK(count > 1, "update_running_stats: count must be > 1 (the unbiased variance needs two values), got ", count);
   const double bessel = static_cast<double>(count) / static_cast<double>(count - 1);
-  // One multi-tensor update per distinct momentum (usually a single one): on a GPU four launches
-  // per block instead of three per BN, and no temporaries (the list ops take mixed dtypes).
+  // One multi-tensor update per distinct momentum (usually a single one): on a GPU a few
+  // multi-tensor launches per block instead of three launches per BN, and no temporaries (the
+  // list ops take mixed dtypes).
   std::map<double, std::vector<size_t>> by_momentum;
   for (size_t i = 0; i < n; ++i) {
     TORCH_CHECK(running_mean[i].sizes() == batch_mean[i].sizes() && running_var[i].sizes() == batch_var[i].sizes(),
