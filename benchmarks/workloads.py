@@ -24,8 +24,13 @@ COMPILED_IMPLEMENTATIONS = ("naive+compile", "dense_ops/bn_relu+compile", "dense
 # CondenseNet-74 is measured against (5.5x its multiply-adds at a similar ImageNet accuracy).
 CONDENSENET_IMPLEMENTATIONS = ("naive", "naive+model_choices", "masked", "dense_ops/fused", "torchvision/densenet121")
 FUSED_CONDENSENET = "dense_ops/fused"
-ALL_IMPLEMENTATIONS = ("naive", "naive+compile", "checkpoint", "dense_ops/bn_relu", "dense_ops/bn_relu+compile",
-                       "dense_ops/bottleneck", "dense_ops/bottleneck+compile") + CONDENSENET_IMPLEMENTATIONS[1:]
+# "convolutions": every convolution of one naive training step alone, forward and backward, on its
+# own recorded input (see ConvolutionsAlone): the time floor that fusing everything else approaches.
+# Timed only: it is no model, so there is nothing to check and its memory means nothing.
+CONVOLUTIONS = "convolutions"
+ALL_IMPLEMENTATIONS = ("naive", "naive+compile", CONVOLUTIONS, "checkpoint", "dense_ops/bn_relu",
+                       "dense_ops/bn_relu+compile", "dense_ops/bottleneck", "dense_ops/bottleneck+compile"
+                       ) + CONDENSENET_IMPLEMENTATIONS[1:]
 BASELINE = "naive"
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -151,8 +156,12 @@ class Workload:
         self.memory_format = MEMORY_FORMATS[config["memory_format"]]
         self.training = config["mode"] == "train"
         impl, self.compiled = split_compiled(config["impl"])
+        self.floor = impl == CONVOLUTIONS
+        if self.floor and not self.training:
+            raise ValueError(f"{CONVOLUTIONS!r} is a training-step floor; got mode {config['mode']!r}")
         torch.manual_seed(seed)
-        self.model = builder(impl, config["shape"]).to(device, dtype, memory_format=self.memory_format)
+        model_impl = BASELINE if self.floor else impl
+        self.model = builder(model_impl, config["shape"]).to(device, dtype, memory_format=self.memory_format)
         self.model.train(self.training)
         if self.compiled:
             # In place (nn.Module.compile), so parameter and state-dict names stay those of the eager
@@ -160,6 +169,7 @@ class Workload:
             self.model.compile()
         self.input, self.target = self._make_batch(seed, dtype)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9) if self.training else None
+        self.convolutions = ConvolutionsAlone(self) if self.floor else None
 
     def _make_batch(self, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.config["shape"]
@@ -194,6 +204,9 @@ class Workload:
             with torch.inference_mode():
                 self.model(self.input)
             return
+        if self.floor:
+            self.convolutions.step()
+            return
         self.backward(self.model(self.input))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -202,6 +215,8 @@ class Workload:
     def outputs_and_grads(self, samples: int) -> dict[str, torch.Tensor]:
         """Output, and in training the input and parameter gradients, of one pass over the first
         `samples` samples of the batch (no optimizer step)."""
+        if self.floor:
+            raise ValueError(f"{CONVOLUTIONS!r} is a time floor, not a model: it has no outputs to check")
         self.model.zero_grad(set_to_none=True)
         x = self.input[:samples].detach().requires_grad_(self.input.requires_grad)
         if not self.training:
@@ -215,3 +230,47 @@ class Workload:
         results.update({f"{name}.grad": p.grad for name, p in self.model.named_parameters()})
         self.model.zero_grad(set_to_none=True)
         return results
+
+
+class ConvolutionsAlone:
+    """Every convolution of one training step of the workload's naive model, each on the input it
+    had in that step (in the workload's memory format), and nothing else: no BN, ReLU,
+    concatenation, pooling, loss or optimizer. A step runs them all forward, then backward from
+    fixed random output gradients (input gradients where the naive step needed them, and every
+    weight gradient): the convolution work of the naive step with the same kernels (oneDNN on CPU)."""
+
+    def __init__(self, workload: Workload):
+        self.calls = []  # (conv, recorded input)
+
+        def record(conv: nn.Conv2d, args: tuple) -> None:
+            x = args[0]
+            saved = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(x.requires_grad)
+            self.calls.append((conv, saved))
+
+        convs = [m for m in workload.model.modules() if isinstance(m, nn.Conv2d)]
+        hooks = [conv.register_forward_pre_hook(record) for conv in convs]
+        try:
+            workload.backward(workload.model(workload.input))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        workload.model.zero_grad(set_to_none=True)
+        if not self.calls:
+            raise RuntimeError(f"{workload.config['workload']} has no nn.Conv2d to time")
+        generator = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            shapes = [conv(x).shape for conv, x in self.calls]
+        self.output_grads = [torch.randn(shape, generator=generator).to(x.device, x.dtype)
+                             .contiguous(memory_format=workload.memory_format)
+                             for shape, (_, x) in zip(shapes, self.calls)]
+
+    def step(self) -> None:
+        self.forward_backward()
+        for conv, x in self.calls:
+            conv.weight.grad = x.grad = None
+            if conv.bias is not None:
+                conv.bias.grad = None
+
+    def forward_backward(self) -> None:
+        outputs = [conv(x) for conv, x in self.calls]
+        torch.autograd.backward(outputs, self.output_grads)

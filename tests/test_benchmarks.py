@@ -23,7 +23,8 @@ def assert_measured_and_checked(records: list[dict]) -> None:
     for record in records:
         result = record["result"]
         assert "error" not in result, result
-        assert result["peak_bytes"] > 0
+        if record.get("memory", True):
+            assert result["peak_bytes"] > 0
         if record.get("timed", True):
             assert result["time_s"]["median"] > 0 and len(result["time_s"]["samples"]) == record["repeats"]
         if record["impl"] != "naive" and record["check"]:
@@ -32,14 +33,18 @@ def assert_measured_and_checked(records: list[dict]) -> None:
 
 def test_benchmark_smoke_run_checks_every_implementation(tmp_path):
     results = run_benchmarks(tmp_path, "--only", "block", "condensenet", "--repeats", "1",
-                             "--impls", *EAGER_TRAINING, *CONDENSENET[1:])
+                             "--impls", *EAGER_TRAINING, "convolutions", *CONDENSENET[1:])
     records = results["records"]
     by_suite = {(r["suite"], r["impl"], r["memory_format"]) for r in records}
-    assert {("block", impl, fmt) for impl in EAGER_TRAINING for fmt in ("contiguous", "channels_last")} <= by_suite
+    assert {("block", impl, fmt) for impl in EAGER_TRAINING + ("convolutions",)
+            for fmt in ("contiguous", "channels_last")} <= by_suite
+    floor = [r for r in records if r["impl"] == "convolutions"]
+    assert all(r["memory"] is False and r["check"] is False and "peak_bytes" not in r["result"] for r in floor)
     assert {("condensenet", impl, "contiguous") for impl in CONDENSENET} <= by_suite
     assert_measured_and_checked(records)
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.count("|") > 10
+    assert "| convolutions | - | - |" in markdown and "a time floor" in markdown
     assert "| dense_ops/fused faster by |" in markdown  # against every CondenseNet row and densenet121
     assert markdown.count(results["machine"]["git_commit"][:12]) == markdown.count("\n## ") + 1  # every table
     assert (tmp_path / "bars_block_block.png").stat().st_size > 0
@@ -87,7 +92,8 @@ def test_quick_set_only_times_compiled_rows():
     configs = [config for name in SIZES["quick"]["suites"] for config in SUITES[name](args)]
     compiled = [c for c in configs if split_compiled(c["impl"])[1]]
     assert compiled and all(c["memory"] is False and c["check"] is False for c in compiled)
-    assert all(c.get("memory", True) for c in configs if not split_compiled(c["impl"])[1])
+    models = [c for c in configs if not split_compiled(c["impl"])[1] and c["impl"] != "convolutions"]
+    assert all(c.get("memory", True) for c in models)
 
 
 def test_sweep_timing_switch():
@@ -99,3 +105,39 @@ def test_sweep_timing_switch():
         configs = SUITES["depth"](parse_args(argv))
         assert configs and all(config["timed"] is timed for config in configs), argv
     assert {c["shape"]["growth"] for c in SUITES["depth"](parse_args(["--full", "--no-sweep-timing"]))} == {12, 32}
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_convolution_floor_runs_every_convolution_of_the_naive_step(memory_format):
+    """The "convolutions" row times each conv of a naive training step on its recorded input: as
+    many calls as the naive step makes, in its memory format, with the gradients of plain conv
+    formulas."""
+    import torch
+    from torch.nn.grad import conv2d_input, conv2d_weight
+    from benchmarks.workloads import Workload
+    shape = {"depth": 40, "growth": 12, "batch": 2, "size": 16}
+    config = {"workload": "densenet_cifar", "impl": "convolutions", "memory_format": memory_format, "mode": "train",
+              "shape": shape}
+    workload = Workload(config, torch.device("cpu"))
+    naive = Workload(dict(config, impl="naive"), torch.device("cpu"))
+    called = []
+    for conv in naive.model.modules():
+        if isinstance(conv, torch.nn.Conv2d):
+            conv.register_forward_hook(lambda module, args, out: called.append(tuple(args[0].shape)))
+    naive.step()
+    floor = workload.convolutions
+    assert [tuple(x.shape) for _, x in floor.calls] == called
+    assert [x.requires_grad for _, x in floor.calls] == [False] + [True] * (len(called) - 1)  # the image needs none
+    target_format = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    assert all(x.is_contiguous(memory_format=target_format) for _, x in floor.calls)
+    floor.forward_backward()
+    for (conv, x), grad in zip(floor.calls, floor.output_grads):
+        args = dict(stride=conv.stride, padding=conv.padding, groups=conv.groups)
+        expected = conv2d_weight(x.detach(), conv.weight.shape, grad, **args)
+        torch.testing.assert_close(conv.weight.grad, expected, rtol=1e-4, atol=1e-4)
+        if x.requires_grad:
+            torch.testing.assert_close(x.grad, conv2d_input(x.shape, conv.weight, grad, **args), rtol=1e-4, atol=1e-4)
+    workload.step()  # clears what forward_backward accumulated
+    assert all(conv.weight.grad is None and x.grad is None for conv, x in floor.calls)
+    with pytest.raises(ValueError, match="time floor"):
+        workload.outputs_and_grads(1)
