@@ -5,7 +5,8 @@
 Training steps (forward + backward + SGD) of one dense block (L=24, C0=32, k=12, N=64, 32x32),
 DenseNet-BC-100 (k=12, N=64, 32x32) and torchvision's densenet121 layout (N=64, 224x224), in
 float32 and under bfloat16 autocast, for naive (torch.cat), torchvision's checkpointing,
-torch.compile(naive) and both dense_ops levels; converted CondenseNet-74 inference at N=1 and 64,
+torch.compile(naive), naive's convolutions alone (the floor; its memory is not reported) and both
+dense_ops levels; converted CondenseNet-74 inference at N=1 and 64,
 the official converted form against ours. On CUDA: peak memory from
 torch.cuda.max_memory_allocated during the timed steps (weights, gradients and optimizer state
 included), time from CUDA events around each step after warm-up. `--device cpu` is the dry run
@@ -27,7 +28,7 @@ import torch
 
 from .workloads import Workload
 
-TRAINING_IMPLS = ("naive", "checkpoint", "naive+compile", "dense_ops/bn_relu", "dense_ops/bottleneck")
+TRAINING_IMPLS = ("naive", "checkpoint", "naive+compile", "convolutions", "dense_ops/bn_relu", "dense_ops/bottleneck")
 PRECISIONS = ("float32", "bf16-autocast")
 
 # workload -> (shape on the GPU, shape of the CPU dry run)
@@ -79,6 +80,8 @@ def run_one(config: dict, device: torch.device, precision: str, warmup: int, rep
         timed_steps(workload, device, 1, 0, precision)  # the first step compiles
         row["compile_s"] = round(time.perf_counter() - start, 1)
     times, peak = timed_steps(workload, device, warmup, repeats, precision)
+    if workload.floor:
+        peak = None  # the recorded inputs of every convolution: no model's memory
     row.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times), steps=len(times),
                peak_mib=None if peak is None else peak / 2**20)
     del workload
