@@ -130,16 +130,17 @@ def test_convolution_floor_runs_every_convolution_of_the_naive_step(memory_forma
     assert [x.requires_grad for _, x in floor.calls] == [False] + [True] * (len(called) - 1)  # the image needs none
     target_format = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
     assert all(x.is_contiguous(memory_format=target_format) for _, x in floor.calls)
+    def assert_float32_close(actual, exact):
+        torch.testing.assert_close(actual.double(), exact, rtol=1e-4, atol=1e-5 * exact.abs().max().item())
+
     floor.forward_backward()
     for (conv, x), grad in zip(floor.calls, floor.output_grads):
         # in float64, where ATen runs its own convolution kernels instead of oneDNN's
         args = dict(stride=conv.stride, padding=conv.padding, groups=conv.groups)
         x64, weight64, grad64 = x.detach().double(), conv.weight.detach().double(), grad.double()
-        close = lambda actual, exact: torch.testing.assert_close(  # noqa: E731
-            actual.double(), exact, rtol=1e-4, atol=1e-5 * exact.abs().max().item())
-        close(conv.weight.grad, conv2d_weight(x64, weight64.shape, grad64, **args))
+        assert_float32_close(conv.weight.grad, conv2d_weight(x64, weight64.shape, grad64, **args))
         if x.requires_grad:
-            close(x.grad, conv2d_input(x64.shape, weight64, grad64, **args))
+            assert_float32_close(x.grad, conv2d_input(x64.shape, weight64, grad64, **args))
     workload.step()  # a step leaves no gradient behind
     assert all(conv.weight.grad is None and x.grad is None for conv, x in floor.calls)
     with pytest.raises(ValueError, match="time floor"):
