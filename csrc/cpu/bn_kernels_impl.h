@@ -20,6 +20,12 @@ namespace dense_ops {
 namespace DENSE_OPS_ISA {
 namespace {
 
+// Channels-last kernels read a layer's C channels of every pixel of a buffer of Ctot: rows with
+// gaps, which this machine's hardware prefetchers serve at up to half the speed of whole rows (a
+// pass over 192 of every 320 channels: 7.4 ms, over all 320: 4.7 ms). So the pixel loops ask for
+// the row kPrefetchPixels pixels ahead, into L2 (the pass over 192: 3.8 ms).
+constexpr int64_t kPrefetchPixels = 12, kCacheLine = 64;
+
 // Element (n, c, s) of a [N, C, H*W] view. The unit stride is a compile-time constant
 // (over s for NCHW, over c for channels-last) so the inner loops vectorize.
 template <typename T, bool kChannelsLast>
@@ -36,6 +42,17 @@ struct Plane {
   }
   T& operator()(int64_t n, int64_t c, int64_t s) const {
     return data[n * stride_n + (kChannelsLast ? c : c * stride_c) + (kChannelsLast ? s * stride_s : s)];
+  }
+  // Channels-last: brings `length` channels from c of the pixel kPrefetchPixels after (n, s) into
+  // L2 (past the last pixel, an address outside the tensor: a prefetch never faults).
+  void prefetch_ahead(int64_t n, int64_t c, int64_t s, int64_t length) const {
+    if constexpr (kChannelsLast) {
+      const auto offset = static_cast<uintptr_t>((n * stride_n + c + (s + kPrefetchPixels) * stride_s) * sizeof(T));
+      const uintptr_t row = reinterpret_cast<uintptr_t>(data) + offset;
+      for (uintptr_t byte = 0; byte < static_cast<uintptr_t>(length) * sizeof(T); byte += kCacheLine) {
+        __builtin_prefetch(reinterpret_cast<const void*>(row + byte), /*rw=*/0, /*locality (L2)=*/2);
+      }
+    }
   }
 };
 
@@ -171,6 +188,7 @@ void moments(const Plane<scalar_t, kChannelsLast>& in, const Extent& e, sum_t* m
   if (kChannelsLast) {
     const auto add_pixels = [&](int64_t p_begin, int64_t p_end, const auto& add) {
       for_each_pixel(e, p_begin, p_end, [&](int64_t n, int64_t s) {
+        in.prefetch_ahead(n, 0, s, e.channels);
         const scalar_t* __restrict__ x = &in(n, 0, s);
         for (int64_t c = 0; c < e.channels; ++c) add(c, static_cast<sum_t>(x[c]));
       });
@@ -234,6 +252,7 @@ void bn_relu_forward(const at::Tensor& x, const BnParams& bn, const at::Tensor& 
       const AffineColumns<acc_t> columns(affines<acc_t>(bn, e.channels));
       const auto affine = [&](int64_t c) { return columns.at(c); };
       parallel_runs<kChannelsLast>(e, affine, [&](int64_t n, int64_t c, int64_t s, int64_t length, auto affine_at) {
+        in.prefetch_ahead(n, c, s, length);
         const scalar_t* __restrict__ x_run = &in(n, c, s);
         scalar_t* __restrict__ out_run = &result(n, c, s);
         for (int64_t j = 0; j < length; ++j) {
@@ -340,6 +359,8 @@ void bn_relu_backward(const at::Tensor& x, const at::Tensor& grad_out, const BnP
           constexpr int64_t kTile = 64;  // pixels summed in acc_t before the float64 partials
           add_channels_last_sums<acc_t>(e, kTile, [&](int64_t p_begin, int64_t p_end, acc_t* dy, acc_t* dy_xhat) {
             for_each_pixel(e, p_begin, p_end, [&](int64_t n, int64_t s) {
+              in.prefetch_ahead(n, 0, s, e.channels);
+              acc.prefetch_ahead(n, 0, s, e.channels);
               backward_pixel_run<kAccumulate>(&in(n, 0, s), &dz(n, 0, s), &acc(n, 0, s), e.channels, columns, dy,
                                               dy_xhat);
             });
@@ -392,6 +413,9 @@ void bn_input_grad(const at::Tensor& x, const BnParams& stats, const at::Tensor&
             return kProjections ? InputGradColumn<acc_t>{norm.at(c), pm[c], px[c]} : InputGradColumn<acc_t>{};
           };
           parallel_runs<kChannelsLast>(e, column, [&](int64_t n, int64_t c, int64_t s, int64_t length, auto column_at) {
+            if (kProjections) in.prefetch_ahead(n, c, s, length);
+            if (kDirect) dir.prefetch_ahead(n, c, s, length);
+            acc.prefetch_ahead(n, c, s, length);
             const scalar_t* __restrict__ x_run = &in(n, c, s);
             const scalar_t* __restrict__ direct_run = &dir(n, c, s);
             const acc_t* __restrict__ acc_run = &acc(n, c, s);
