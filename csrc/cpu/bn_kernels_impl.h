@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 #include "common/bn_math.h"
@@ -46,6 +47,7 @@ struct Plane {
   // Channels-last: brings `length` channels from c of the pixel kPrefetchPixels after (n, s) into
   // L2 (past the last pixel, an address outside the tensor: a prefetch never faults).
   void prefetch_ahead(int64_t n, int64_t c, int64_t s, int64_t length) const {
+#if defined(__GNUC__) || defined(__clang__)
     if constexpr (kChannelsLast) {
       const auto offset = static_cast<uintptr_t>((n * stride_n + c + (s + kPrefetchPixels) * stride_s) * sizeof(T));
       const uintptr_t row = reinterpret_cast<uintptr_t>(data) + offset;
@@ -53,6 +55,7 @@ struct Plane {
         __builtin_prefetch(reinterpret_cast<const void*>(row + byte), /*rw=*/0, /*locality (L2)=*/2);
       }
     }
+#endif
   }
 };
 
