@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from itertools import product
 
-from .workloads import (COMPILED_IMPLEMENTATIONS, CONDENSENET_IMPLEMENTATIONS, CONVOLUTIONS, IMPLEMENTATIONS,
-                        MEMORY_FORMATS, split_compiled)
+from .workloads import (ARITHMETIC, COMPILED_IMPLEMENTATIONS, CONDENSENET_IMPLEMENTATIONS, CONVOLUTIONS, FLOORS,
+                        IMPLEMENTATIONS, MEMORY_FORMATS, split_compiled)
 
 # Sizes per set. "full" uses issue 2's sizes: one dense block with L=24, C0=32, k=12,
 # bn_size=4 at N=32, 32x32, DenseNet-BC-100 (k=12) at N=64, 32x32, and issue 14's densenet121
@@ -20,7 +20,7 @@ from .workloads import (COMPILED_IMPLEMENTATIONS, CONDENSENET_IMPLEMENTATIONS, C
 # of a CIFAR DenseNet's last block, C0 = 2k; "timed": whether its rows are timed too by default
 # (--sweep-timing; else memory only); "search": whether the deepest block within the memory budget is
 # searched for by measurement (else only the quadratic fit, labelled so).
-EVERY_TRAINING_ROW = IMPLEMENTATIONS + COMPILED_IMPLEMENTATIONS + (CONVOLUTIONS,)
+EVERY_TRAINING_ROW = IMPLEMENTATIONS + COMPILED_IMPLEMENTATIONS + FLOORS
 SIZES = {
     "full": {"suites": ("block", "densenet_bc100", "densenet121", "depth", "inference", "condensenet"),
              "block": {"num_layers": 24, "c0": 32, "growth": 12, "bn_size": 4, "batch": 32, "size": 32},
@@ -38,8 +38,8 @@ SIZES = {
               "imagenet": {"batch": 4, "size": 64},
               "condensenet": {"batches": (1,), "size": 224},
               "sweep": {"batch": 8, "size": 8, "timed": False, "search": False, "depths": {12: (16, 32, 64)}},
-              "training": {"block": IMPLEMENTATIONS + ("naive+compile", CONVOLUTIONS),
-                           "densenet_bc100": ("naive", "naive+compile", CONVOLUTIONS, "dense_ops/bn_relu",
+              "training": {"block": IMPLEMENTATIONS + ("naive+compile",) + FLOORS,
+                           "densenet_bc100": ("naive", "naive+compile", *FLOORS, "dense_ops/bn_relu",
                                               "dense_ops/bottleneck"),
                            "densenet121": IMPLEMENTATIONS},
               "check_compiled": False, "budget_gib": 2.0},
@@ -52,11 +52,13 @@ SIZES = {
               "condensenet": {"batches": (1,), "size": 64},
               "sweep": {"batch": 2, "size": 8, "timed": True, "search": True,
                         "depths": {12: (4, 8, 16), 32: (4, 8, 16)}},
-              "training": {"block": IMPLEMENTATIONS + COMPILED_IMPLEMENTATIONS[:2] + (CONVOLUTIONS,),
+              "training": {"block": IMPLEMENTATIONS + COMPILED_IMPLEMENTATIONS[:2] + FLOORS,
                            "densenet_bc100": IMPLEMENTATIONS,
                            "densenet121": IMPLEMENTATIONS},
               "check_compiled": True, "budget_gib": 1 / 64},
 }
+FLOOR_DESCRIPTIONS = {CONVOLUTIONS: "naive's convolutions alone: a time floor, no model to check",
+                      ARITHMETIC: "naive's operations as large GEMMs: a time floor, no model to check"}
 INFERENCE_IMPLEMENTATIONS = ("naive", "dense_ops/bn_relu")  # recompute levels only differ in training
 
 
@@ -71,12 +73,11 @@ def _configs(suite: str, workload: str, shapes, impls, formats, mode: str, optio
 
 def _with_check(config: dict, options) -> dict:
     """Every row is checked against naive in float64 and its peak memory measured, but the
-    convolution floor (no model: only timed) and compiled rows in --quick: each of those costs a
+    floors (no model: only timed) and compiled rows in --quick: each of those costs a
     compilation (or a load from inductor's cache: 45 s for DenseNet-BC-100 here) per process, so
     --quick only times them."""
-    if config["impl"] == CONVOLUTIONS:
-        return dict(config, check=False, memory=False,
-                    unchecked_because="naive's convolutions alone: a time floor, no model to check")
+    if config["impl"] in FLOORS:
+        return dict(config, check=False, memory=False, unchecked_because=FLOOR_DESCRIPTIONS[config["impl"]])
     if split_compiled(config["impl"])[1] and not SIZES[options.size]["check_compiled"]:
         return dict(config, check=False, memory=False,
                     unchecked_because=f"--{options.size} only times compiled rows; --smoke and --full check them "

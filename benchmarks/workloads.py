@@ -28,7 +28,11 @@ FUSED_CONDENSENET = "dense_ops/fused"
 # own recorded input (see ConvolutionsAlone): the time floor that fusing everything else approaches.
 # Timed only: it is no model, so there is nothing to check and its memory means nothing.
 CONVOLUTIONS = "convolutions"
-ALL_IMPLEMENTATIONS = ("naive", "naive+compile", CONVOLUTIONS, "checkpoint", "dense_ops/bn_relu",
+# "arithmetic": the floating-point operations of one naive training step run as large square GEMMs
+# (see ArithmeticAlone): the step's arithmetic at this machine's best GEMM rate. Timed only, as above.
+ARITHMETIC = "arithmetic"
+FLOORS = (CONVOLUTIONS, ARITHMETIC)
+ALL_IMPLEMENTATIONS = ("naive", "naive+compile", CONVOLUTIONS, ARITHMETIC, "checkpoint", "dense_ops/bn_relu",
                        "dense_ops/bn_relu+compile", "dense_ops/bottleneck", "dense_ops/bottleneck+compile"
                        ) + CONDENSENET_IMPLEMENTATIONS[1:]
 BASELINE = "naive"
@@ -156,9 +160,9 @@ class Workload:
         self.memory_format = MEMORY_FORMATS[config["memory_format"]]
         self.training = config["mode"] == "train"
         impl, self.compiled = split_compiled(config["impl"])
-        self.floor = impl == CONVOLUTIONS
+        self.floor = impl if impl in FLOORS else None
         if self.floor and not self.training:
-            raise ValueError(f"{CONVOLUTIONS!r} is a training-step floor; got mode {config['mode']!r}")
+            raise ValueError(f"{impl!r} is a training-step floor; got mode {config['mode']!r}")
         torch.manual_seed(seed)
         model_impl = BASELINE if self.floor else impl
         self.model = builder(model_impl, config["shape"]).to(device, dtype, memory_format=self.memory_format)
@@ -169,7 +173,7 @@ class Workload:
             self.model.compile()
         self.input, self.target = self._make_batch(seed, dtype)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9) if self.training else None
-        self.convolutions = ConvolutionsAlone(self) if self.floor else None
+        self.floor_work = {CONVOLUTIONS: ConvolutionsAlone, ARITHMETIC: ArithmeticAlone}[impl](self) if self.floor else None
 
     def _make_batch(self, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.config["shape"]
@@ -205,7 +209,7 @@ class Workload:
                 self.model(self.input)
             return
         if self.floor:
-            self.convolutions.step()
+            self.floor_work.step()
             return
         self.backward(self.model(self.input))
         self.optimizer.step()
@@ -216,7 +220,7 @@ class Workload:
         """Output, and in training the input and parameter gradients, of one pass over the first
         `samples` samples of the batch (no optimizer step)."""
         if self.floor:
-            raise ValueError(f"{CONVOLUTIONS!r} is a time floor, not a model: it has no outputs to check")
+            raise ValueError(f"{self.floor!r} is a time floor, not a model: it has no outputs to check")
         self.model.zero_grad(set_to_none=True)
         x = self.input[:samples].detach().requires_grad_(self.input.requires_grad)
         if not self.training:
@@ -274,3 +278,41 @@ class ConvolutionsAlone:
     def forward_backward(self) -> None:
         outputs = [conv(x) for conv, x in self.calls]
         torch.autograd.backward(outputs, self.output_grads)
+
+
+class ArithmeticAlone:
+    """The floating-point operations of one training step of the workload's naive model (forward
+    and backward, counted by torch.utils.flop_counter: the convolutions and the classifier; the
+    optimizer's few are left out), run as back-to-back square GEMMs of GEMM_SIZE in the workload's
+    dtype (and in the autocast dtype under autocast). That is the step's arithmetic at the rate of a
+    large GEMM, about the best this machine sustains: a floor for any implementation that does the
+    same operations (direct convolutions; a Winograd 3x3 would do fewer)."""
+
+    GEMM_SIZE = 2048
+
+    def __init__(self, workload: Workload):
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as counter:
+            workload.backward(workload.model(workload.input))
+        workload.model.zero_grad(set_to_none=True)
+        workload.input.grad = None
+        self.flops = counter.get_total_flops()
+        if self.flops == 0:
+            raise RuntimeError(f"{workload.config['workload']}: flop_counter counted no operation to time")
+        full_gemms, rest = divmod(self.flops, 2 * self.GEMM_SIZE ** 3)
+        rest_size = round((rest / 2) ** (1 / 3))  # the remainder as one smaller square GEMM
+        generator = torch.Generator().manual_seed(3)
+
+        def operands(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return tuple(torch.randn(n, n, generator=generator).to(workload.device, workload.input.dtype)
+                         for _ in range(2))
+
+        self.gemms = [operands(self.GEMM_SIZE)] * full_gemms + ([operands(rest_size)] if rest_size else [])
+
+    def gemm_flops(self) -> int:
+        """The operations step() runs: the counted ones, to within the remainder's rounding."""
+        return sum(2 * a.size(0) ** 3 for a, _ in self.gemms)
+
+    def step(self) -> None:
+        for a, b in self.gemms:
+            a @ b  # no out=: autocast only applies to ops that allocate their result

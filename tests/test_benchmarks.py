@@ -33,18 +33,19 @@ def assert_measured_and_checked(records: list[dict]) -> None:
 
 def test_benchmark_smoke_run_checks_every_implementation(tmp_path):
     results = run_benchmarks(tmp_path, "--only", "block", "condensenet", "--repeats", "1",
-                             "--impls", *EAGER_TRAINING, "convolutions", *CONDENSENET[1:])
+                             "--impls", *EAGER_TRAINING, "convolutions", "arithmetic", *CONDENSENET[1:])
     records = results["records"]
     by_suite = {(r["suite"], r["impl"], r["memory_format"]) for r in records}
-    assert {("block", impl, fmt) for impl in EAGER_TRAINING + ("convolutions",)
+    assert {("block", impl, fmt) for impl in EAGER_TRAINING + ("convolutions", "arithmetic")
             for fmt in ("contiguous", "channels_last")} <= by_suite
-    floor = [r for r in records if r["impl"] == "convolutions"]
+    floor = [r for r in records if r["impl"] in ("convolutions", "arithmetic")]
     assert all(r["memory"] is False and r["check"] is False and "peak_bytes" not in r["result"] for r in floor)
     assert {("condensenet", impl, "contiguous") for impl in CONDENSENET} <= by_suite
     assert_measured_and_checked(records)
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.count("|") > 10
-    assert "| convolutions | - | - |" in markdown and "a time floor" in markdown
+    assert "| convolutions | - | - |" in markdown and "| arithmetic | - | - |" in markdown
+    assert "a time floor" in markdown
     assert "| dense_ops/fused faster by |" in markdown  # against every CondenseNet row and densenet121
     assert markdown.count(results["machine"]["git_commit"][:12]) == markdown.count("\n## ") + 1  # every table
     assert (tmp_path / "bars_block_block.png").stat().st_size > 0
@@ -87,12 +88,12 @@ def test_quick_set_only_times_compiled_rows():
     --quick skips the memory process (and with it the float64 check) of those rows, and of no other."""
     from benchmarks.__main__ import parse_args
     from benchmarks.suites import SIZES, SUITES
-    from benchmarks.workloads import split_compiled
+    from benchmarks.workloads import FLOORS, split_compiled
     args = parse_args(["--quick"])
     configs = [config for name in SIZES["quick"]["suites"] for config in SUITES[name](args)]
     compiled = [c for c in configs if split_compiled(c["impl"])[1]]
     assert compiled and all(c["memory"] is False and c["check"] is False for c in compiled)
-    models = [c for c in configs if not split_compiled(c["impl"])[1] and c["impl"] != "convolutions"]
+    models = [c for c in configs if not split_compiled(c["impl"])[1] and c["impl"] not in FLOORS]
     assert all(c.get("memory", True) for c in models)
 
 
@@ -125,7 +126,7 @@ def test_convolution_floor_runs_every_convolution_of_the_naive_step(memory_forma
         if isinstance(conv, torch.nn.Conv2d):
             conv.register_forward_hook(lambda module, args, out: called.append(tuple(args[0].shape)))
     naive.step()
-    floor = workload.convolutions
+    floor = workload.floor_work
     assert [tuple(x.shape) for _, x in floor.calls] == called
     assert [x.requires_grad for _, x in floor.calls] == [False] + [True] * (len(called) - 1)  # the image needs none
     target_format = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
@@ -145,3 +146,41 @@ def test_convolution_floor_runs_every_convolution_of_the_naive_step(memory_forma
     assert all(conv.weight.grad is None and x.grad is None for conv, x in floor.calls)
     with pytest.raises(ValueError, match="time floor"):
         workload.outputs_and_grads(1)
+
+
+@pytest.mark.parametrize("workload_name, shape", [
+    ("block", {"num_layers": 4, "c0": 8, "growth": 4, "bn_size": 4, "batch": 2, "size": 8}),
+    ("densenet_cifar", {"depth": 40, "growth": 12, "batch": 2, "size": 16}),
+])
+def test_arithmetic_floor_runs_the_naive_steps_operations_as_gemms(workload_name, shape):
+    """The "arithmetic" row's GEMMs do as many operations as the naive step's convolutions and
+    classifier, counted here from each layer's shapes: 2 per multiply-add forward, and again for
+    each gradient computed in backward (the image needs no input gradient)."""
+    import torch
+    from benchmarks.workloads import Workload
+    config = {"workload": workload_name, "impl": "arithmetic", "memory_format": "contiguous", "mode": "train",
+              "shape": shape}
+    naive = Workload(dict(config, impl="naive"), torch.device("cpu"))
+    expected = 0
+    def count(module, args, out):
+        nonlocal expected
+        x = args[0]
+        if isinstance(module, torch.nn.Conv2d):
+            forward = 2 * out.numel() * module.weight[0].numel()
+        else:  # nn.Linear
+            forward = 2 * out.numel() * module.in_features
+        expected += forward * (3 if x.requires_grad else 2)
+    for module in naive.model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            module.register_forward_hook(count)
+    naive.step()
+    workload = Workload(config, torch.device("cpu"))
+    floor = workload.floor_work
+    assert floor.flops == expected
+    assert abs(floor.gemm_flops() - expected) <= 0.01 * expected
+    assert all(a.dtype == torch.float32 and a.shape == b.shape for a, b in floor.gemms)
+    workload.step()
+    with pytest.raises(ValueError, match="time floor"):
+        workload.outputs_and_grads(1)
+    with pytest.raises(ValueError, match="training-step floor"):
+        Workload(dict(config, mode="eval"), torch.device("cpu"))
