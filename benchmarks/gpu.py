@@ -6,8 +6,7 @@ Training steps (forward + backward + SGD) of one dense block (L=24, C0=32, k=12,
 DenseNet-BC-100 (k=12, N=64, 32x32) and torchvision's densenet121 layout (N=64, 224x224), in
 float32 and under bfloat16 autocast, for naive (torch.cat), torchvision's checkpointing,
 torch.compile(naive), the two floors (naive's convolutions alone; its operations as large GEMMs;
-no memory reported) and both
-dense_ops levels; converted CondenseNet-74 inference at N=1 and 64,
+no memory reported) and both dense_ops levels; converted CondenseNet-74 inference at N=1 and 64,
 the official converted form against ours. On CUDA: peak memory from
 torch.cuda.max_memory_allocated during the timed steps (weights, gradients and optimizer state
 included), time from CUDA events around each step after warm-up. `--device cpu` is the dry run

@@ -7,8 +7,9 @@ from pathlib import Path
 from .report import MIB, _groups, _median, _peak, size_text
 from .workloads import ALL_IMPLEMENTATIONS
 
-COLORS = dict(zip(ALL_IMPLEMENTATIONS, ("tab:red", "tab:pink", "silver", "gainsboro", "tab:orange", "tab:blue", "tab:cyan",
-                                        "tab:green", "tab:olive", "tab:brown", "tab:purple", "tab:gray", "black"),
+COLORS = dict(zip(ALL_IMPLEMENTATIONS, ("tab:red", "tab:pink", "silver", "gainsboro", "tab:orange", "tab:blue",
+                                        "tab:cyan", "tab:green", "tab:olive", "tab:brown", "tab:purple", "tab:gray",
+                                        "black"),
                   strict=True))
 
 

@@ -173,7 +173,7 @@ class Workload:
             self.model.compile()
         self.input, self.target = self._make_batch(seed, dtype)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9) if self.training else None
-        self.floor_work = {CONVOLUTIONS: ConvolutionsAlone, ARITHMETIC: ArithmeticAlone}[impl](self) if self.floor else None
+        self.floor_work = FLOOR_WORK[impl](self) if self.floor else None
 
     def _make_batch(self, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.config["shape"]
@@ -314,5 +314,15 @@ class ArithmeticAlone:
         return sum(2 * a.size(0) ** 3 for a, _ in self.gemms)
 
     def step(self) -> None:
-        for a, b in self.gemms:
-            a @ b  # no out=: autocast only applies to ops that allocate their result
+        # On CUDA, cuDNN's float32 convolutions may use TF32 (torch.backends.cudnn.allow_tf32, on by
+        # default): the GEMMs get the same allowance. The CPU ignores it.
+        matmul = torch.backends.cuda.matmul
+        allowed, matmul.allow_tf32 = matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        try:
+            for a, b in self.gemms:
+                a @ b  # no out=: autocast only applies to ops that allocate their result
+        finally:
+            matmul.allow_tf32 = allowed
+
+
+FLOOR_WORK = {CONVOLUTIONS: ConvolutionsAlone, ARITHMETIC: ArithmeticAlone}

@@ -179,7 +179,9 @@ def test_arithmetic_floor_runs_the_naive_steps_operations_as_gemms(workload_name
     assert floor.flops == expected
     assert abs(floor.gemm_flops() - expected) <= 0.01 * expected
     assert all(a.dtype == torch.float32 and a.shape == b.shape for a, b in floor.gemms)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     workload.step()
+    assert torch.backends.cuda.matmul.allow_tf32 == tf32  # the step's TF32 allowance is its own
     with pytest.raises(ValueError, match="time floor"):
         workload.outputs_and_grads(1)
     with pytest.raises(ValueError, match="training-step floor"):
