@@ -309,10 +309,6 @@ class ArithmeticAlone:
 
         self.gemms = [operands(self.GEMM_SIZE)] * full_gemms + ([operands(rest_size)] if rest_size else [])
 
-    def gemm_flops(self) -> int:
-        """The operations step() runs: the counted ones, to within the remainder's rounding."""
-        return sum(2 * a.size(0) ** 3 for a, _ in self.gemms)
-
     def step(self) -> None:
         # On CUDA, cuDNN's float32 convolutions may use TF32 (torch.backends.cudnn.allow_tf32, on by
         # default): the GEMMs get the same allowance. The CPU ignores it.
