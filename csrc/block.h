@@ -23,6 +23,11 @@ enum class BottleneckStrategy { kPerSample, kBatched };
 // the thread count, so that per-range partial sums, added in range order, give bitwise the same
 // gradients for any number of threads. The ranges share one scratch sample per thread.
 constexpr int64_t kSampleRanges = 16;
+// Channels-last, a range's consecutive samples form one GEMM operand, so kPerSample runs its GEMMs
+// over groups of samples of about this many pixels (at least one sample; NCHW: one): one 8x8
+// sample's GEMM is too small to run at the large-GEMM rate, while a group of this size still fits
+// in L2 beside its BN1-ReLU output. The group size depends only on the shape, as the ranges do.
+constexpr int64_t kGemmPixels = 1024;
 BottleneckStrategy bottleneck_strategy(bool on_cpu);
 
 // The layout of the bottleneck-width tensors (conv1's output, the BN2-ReLU output, their gradients).
@@ -51,11 +56,12 @@ struct Block {
   const StatSync& sync;
   BottleneckStrategy strategy;
   at::Tensor features, batch_mean, batch_var, bottleneck_mean, bottleneck_var;
-  // BN1-ReLU outputs: with a bottleneck, `scratch_samples` samples' worth (one per thread for
-  // kPerSample, one chunk for kBatched); without, the whole batch.
+  // BN1-ReLU outputs: with a bottleneck, `scratch_samples` samples' worth (one group per thread
+  // for kPerSample, one chunk for kBatched); without, the whole batch.
   at::Tensor scratch;
   int64_t scratch_samples = 0;
-  int64_t sample_ranges = 0;  // kPerSample's split of the batch (see kSampleRanges)
+  int64_t sample_ranges = 0;     // kPerSample's split of the batch (see kSampleRanges)
+  int64_t samples_per_gemm = 1;  // kPerSample's samples per GEMM (see kGemmPixels)
 
   int64_t count() const { return sync.count(); }  // over the process group when synchronized
   at::Tensor inputs(int64_t l) const { return features.narrow(1, 0, shape.channels(l)); }

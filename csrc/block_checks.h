@@ -16,6 +16,7 @@ struct BlockShape {
   int64_t channels(int64_t layer) const { return in_channels + layer * growth; }
   int64_t total_channels() const { return channels(num_layers); }
   int64_t pixels() const { return batch * height * width; }
+  int64_t pixels_per_sample() const { return height * width; }
 };
 
 inline const at::Tensor& param(at::TensorList params, bool bottleneck, int64_t layer, LayerParam which) {

@@ -49,7 +49,10 @@ void Block::allocate_scratch() {
     scratch_samples = shape.batch;
   } else if (strategy == BottleneckStrategy::kPerSample) {
     sample_ranges = std::min(shape.batch, kSampleRanges);
-    scratch_samples = std::min<int64_t>(sample_ranges, at::get_num_threads());
+    const int64_t range_samples = (shape.batch + sample_ranges - 1) / sample_ranges;
+    const int64_t group = kGemmPixels / std::max<int64_t>(1, shape.pixels_per_sample());
+    samples_per_gemm = channels_last ? std::clamp<int64_t>(group, 1, range_samples) : 1;
+    scratch_samples = std::min<int64_t>(sample_ranges, at::get_num_threads()) * samples_per_gemm;
   } else {
     const int64_t bytes = std::max<int64_t>(1, per_sample * features.element_size());
     scratch_samples = std::max<int64_t>(1, std::min<int64_t>(shape.batch, batched_scratch_bytes() / bytes));
@@ -70,41 +73,46 @@ void add_matmul(const at::Tensor& acc, const at::Tensor& a, const at::Tensor& b)
 
 at::Tensor weight_matrix(const at::Tensor& weight) { return weight.reshape({weight.size(0), weight.size(1)}); }
 
-// ---- kPerSample: one sample's GEMM at a time, sample ranges on parallel threads ------------
+// ---- kPerSample: one group of samples' GEMM at a time, sample ranges on parallel threads ----
 
-// The [C, H*W] matrix of a one-sample [1, C, H, W] tensor, as a view in either layout
-// (transposed strides for channels-last), so that GEMM outputs land in our buffers.
-at::Tensor sample_matrix(const at::Tensor& sample) { return sample.permute({0, 2, 3, 1}).view({-1, sample.size(1)}).t(); }
+// The [C, samples*H*W] matrix of a [samples, C, H, W] tensor, as a view (transposed strides), so
+// that GEMM outputs land in our buffers: channels-last, or NCHW with one sample.
+at::Tensor samples_matrix(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).view({-1, t.size(1)}).t(); }
 
-// Runs body(slot, range, n_begin, n_end) over the batch split into block.sample_ranges contiguous
-// ranges, the ranges on parallel threads and everything inside serially: one large parallel
-// region instead of several small ones per sample. The split depends on neither the thread count
-// nor scheduling, so per-range partial sums add up deterministically. `slot` is the running
-// thread's scratch sample: a parallel region numbers its threads below min(threads, ranges), the
-// scratch's size; one that runs inline (nested in another region) runs every range on one thread.
+// Runs body(slot, range, n, samples) for every group of at most block.samples_per_gemm samples
+// from n on: the batch split into block.sample_ranges contiguous ranges, the ranges on parallel
+// threads and the groups of a range in order, serially: one large parallel region instead of
+// several small ones per group. The split depends on neither the thread count nor scheduling, so
+// per-range partial sums add up deterministically. `slot` is the running thread's scratch group:
+// a parallel region numbers its threads below min(threads, ranges), the scratch's size; one that
+// runs inline (nested in another region) runs every range on one thread.
 template <typename Body>
-void for_sample_ranges(const Block& block, const Body& body) {
-  const int64_t ranges = block.sample_ranges, batch = block.shape.batch;
+void for_sample_groups(const Block& block, const Body& body) {
+  const int64_t ranges = block.sample_ranges, batch = block.shape.batch, group = block.samples_per_gemm;
   const at::ThreadLocalState caller;  // worker threads run our ATen calls as the caller does (below autograd)
   at::parallel_for(0, ranges, 1, [&](int64_t range_begin, int64_t range_end) {
     const at::ThreadLocalStateGuard as_caller(caller);
-    const int64_t slot = at::get_thread_num() % block.scratch_samples;
+    const int64_t slot = at::get_thread_num() % (block.scratch_samples / group);
     for (int64_t range = range_begin; range < range_end; ++range) {
-      body(slot, range, batch * range / ranges, batch * (range + 1) / ranges);
+      const int64_t n_end = batch * (range + 1) / ranges;
+      for (int64_t n = batch * range / ranges; n < n_end; n += group) body(slot, range, n, std::min(group, n_end - n));
     }
   });
+}
+
+// The BN1-ReLU output of layer l for the group of `samples` samples in scratch slot `slot`.
+at::Tensor group_z1(const Block& block, int64_t l, int64_t slot, int64_t samples) {
+  return block.z1(l, slot * block.samples_per_gemm, samples);
 }
 
 void forward_per_sample(const Block& block, int64_t l, const at::Tensor& out) {
   const BnParams bn1 = block.bn1(l);
   const at::Tensor weight = weight_matrix(block.weight(l, kConv1Weight)), x = block.inputs(l);
-  for_sample_ranges(block, [&](int64_t slot, int64_t, int64_t n_begin, int64_t n_end) {
-    const at::Tensor z = block.z1(l, slot, 1), z_matrix = sample_matrix(z);
-    for (int64_t n = n_begin; n < n_end; ++n) {
-      block.kernels.bn_relu_forward(x.narrow(0, n, 1), bn1, z, block.channels_last);
-      at::Tensor out_matrix = sample_matrix(out.narrow(0, n, 1));
-      at::mm_out(out_matrix, weight, z_matrix);
-    }
+  for_sample_groups(block, [&](int64_t slot, int64_t, int64_t n, int64_t samples) {
+    const at::Tensor z = group_z1(block, l, slot, samples);
+    block.kernels.bn_relu_forward(x.narrow(0, n, samples), bn1, z, block.channels_last);
+    at::Tensor out_matrix = samples_matrix(out.narrow(0, n, samples));
+    at::mm_out(out_matrix, weight, samples_matrix(z));
   });
 }
 
@@ -119,17 +127,15 @@ void backward_per_sample(const Block& block, int64_t l, const at::Tensor& grad_o
   const at::Tensor partial_sums = at::zeros({ranges, 2, channels}, sum_dy.options());
   const at::Tensor partial_grad_conv1 =
       grad_conv1.defined() ? at::zeros({ranges, grad_conv1.size(0), channels}, grad_conv1.options()) : at::Tensor();
-  for_sample_ranges(block, [&](int64_t slot, int64_t range, int64_t n_begin, int64_t n_end) {
-    const at::Tensor z = block.z1(l, slot, 1), z_matrix = sample_matrix(z);
-    for (int64_t n = n_begin; n < n_end; ++n) {
-      const at::Tensor x_n = x.narrow(0, n, 1), grad_matrix = sample_matrix(grad_out.narrow(0, n, 1));
-      block.kernels.bn_relu_forward(x_n, bn1, z, block.channels_last);
-      if (grad_conv1.defined()) add_matmul(partial_grad_conv1[range], grad_matrix, z_matrix.t());
-      at::Tensor dz_matrix = z_matrix;  // z now receives the gradient of the BN1-ReLU output
-      at::mm_out(dz_matrix, weight.t(), grad_matrix);
-      block.kernels.bn_relu_backward(x_n, z, bn1, acc_inputs.narrow(0, n, 1), accumulate, partial_sums[range][0],
-                                     partial_sums[range][1], block.channels_last);
-    }
+  for_sample_groups(block, [&](int64_t slot, int64_t range, int64_t n, int64_t samples) {
+    const at::Tensor z = group_z1(block, l, slot, samples), z_matrix = samples_matrix(z);
+    const at::Tensor x_group = x.narrow(0, n, samples), grad_matrix = samples_matrix(grad_out.narrow(0, n, samples));
+    block.kernels.bn_relu_forward(x_group, bn1, z, block.channels_last);
+    if (grad_conv1.defined()) add_matmul(partial_grad_conv1[range], grad_matrix, z_matrix.t());
+    at::Tensor dz_matrix = z_matrix;  // z now receives the gradient of the BN1-ReLU output
+    at::mm_out(dz_matrix, weight.t(), grad_matrix);
+    block.kernels.bn_relu_backward(x_group, z, bn1, acc_inputs.narrow(0, n, samples), accumulate,
+                                   partial_sums[range][0], partial_sums[range][1], block.channels_last);
   });
   const at::Tensor sums = partial_sums.sum(0);
   sum_dy_xhat.add_(sums[0]);

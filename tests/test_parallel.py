@@ -38,12 +38,13 @@ def test_extension_parallel_for_uses_torchs_threads(restore_threads):
 
 @pytest.mark.parametrize("recompute", ["bn_relu", "bottleneck"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_results_are_bitwise_identical_for_any_thread_count(recompute, channels_last, restore_threads):
+@pytest.mark.parametrize("batch", [5, 37], ids=["5_ranges", "16_ranges"])  # channels-last 37: GEMMs of 2-3 samples
+def test_results_are_bitwise_identical_for_any_thread_count(recompute, channels_last, batch, restore_threads):
     _, ours = block_pair(num_layers=3, in_channels=6, bn_size=2, growth=4, dtype=torch.float32, recompute=recompute)
-    x = torch.randn(5, 6, 9, 9)
+    x = torch.randn(batch, 6, 9, 9)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(5, 6 + 3 * 4, 9, 9)
+    grad = torch.randn(batch, 6 + 3 * 4, 9, 9)
     results = []
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
