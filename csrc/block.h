@@ -14,7 +14,7 @@ namespace dense_ops {
 
 // How a bottleneck layer runs BN1-ReLU-conv1x1 without a batch-sized BN1-ReLU copy (DESIGN.md,
 // "Device strategies in one place"):
-//   kPerSample: sample ranges on parallel CPU threads, one sample's GEMM at a time (CPU);
+//   kPerSample: sample ranges on parallel CPU threads, one small group of samples at a time (CPU);
 //   kBatched:   chunks of samples in turn, one GEMM per chunk (CUDA: few, large launches).
 // Chosen per device by bottleneck_strategy(); DENSE_OPS_BOTTLENECK=batched|per_sample forces one.
 enum class BottleneckStrategy { kPerSample, kBatched };
