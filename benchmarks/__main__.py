@@ -39,6 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--formats", nargs="+", choices=sorted(MEMORY_FORMATS), metavar="FORMAT",
                         help="run only these memory formats: contiguous, channels_last")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per configuration (default 10)")
+    parser.add_argument("--rounds", type=int,
+                        help="rounds the timed steps are split into, each a fresh process per configuration, every "
+                             "configuration once per round, so that a host's drift during the run reaches every "
+                             "row alike (default 2 with --full, else 1)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up steps besides the first one "
                                                    "(default 2 full, else 0)")
     parser.add_argument("--threads", type=int, default=runner.available_cores(),
@@ -54,15 +58,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration")
     args = parser.parse_args(argv)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.size == "full" else 0)
+    args.rounds = args.rounds if args.rounds is not None else SIZES[args.size]["rounds"]
     if args.budget_gib is None:
         args.budget_gib = SIZES[args.size]["budget_gib"]
     if args.depth_search is None:
         args.depth_search = SIZES[args.size]["sweep"]["search"]
     if args.sweep_timing is None:
         args.sweep_timing = SIZES[args.size]["sweep"]["timed"]
-    for name in ("repeats", "threads", "budget_gib", "timeout"):
+    for name in ("repeats", "rounds", "threads", "budget_gib", "timeout"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.rounds > args.repeats:
+        parser.error(f"--rounds ({args.rounds}) must not exceed --repeats ({args.repeats}): every round times a step")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     return args

@@ -15,7 +15,8 @@ Memory process: build the model and batch, then
    memory allocated before the step.
 Time process, with the allocator as users have it (the settings above make every large
 allocation a fresh mmap, which slows steps down, the more the more an implementation
-allocates): 1 + `warmup` warm-up steps, then `repeats` timed steps (CUDA: events + synchronize).
+allocates): 1 + `warmup` warm-up steps, then `repeats` timed steps (CUDA: events + synchronize);
+runner.run_all may split a configuration's timed steps over several such processes (rounds).
 A configuration with "timed": False (the depth search) runs only the memory process.
 """
 from __future__ import annotations
@@ -194,14 +195,24 @@ def measure_time(config: dict) -> dict:
     workload = Workload(config, device)
     warm = warm_up(workload, config["warmup"], device)
     timed_step = Timed(workload.step, device)
+    started = time.time()
     for _ in range(config["repeats"]):
         timed_step()
     samples = timed_step.samples
-    times = {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples,
-             "first_step": warm["first_step_s"]}
+    median = statistics.median(samples)
+    times = {"median": median, "min": min(samples), "max": max(samples), "samples": samples,
+             "first_step": warm["first_step_s"], "rounds": [{"started": started, "median": median}]}
     if workload.compiled:
         times["compile"] = dict(warm["compile"], graphs_after_timed_steps=compile_stats()["graphs"])
     return {"time_s": times}
+
+
+def merge_rounds(earlier: dict, later: dict) -> dict:
+    """One configuration's step times from rounds of time processes, as one set of samples; the first
+    round's first step and compile statistics stay, and each round's start and median are listed."""
+    samples = earlier["samples"] + later["samples"]
+    return dict(earlier, samples=samples, median=statistics.median(samples), min=min(samples), max=max(samples),
+                rounds=earlier["rounds"] + later["rounds"])
 
 
 MEASUREMENTS = {"memory": measure_memory, "time": measure_time}

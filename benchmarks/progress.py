@@ -41,4 +41,4 @@ def progress_bar(total: int):
         from tqdm import tqdm
     except ImportError:
         return _SimpleBar(total)
-    return tqdm(total=total, unit="config", dynamic_ncols=True)
+    return tqdm(total=total, unit="process", dynamic_ncols=True)

@@ -244,7 +244,10 @@ def _steps_note(records: list[dict]) -> str:
     if not timed:
         return f"peak memory of one step {warm}; not timed"
     steps = sorted({len(r["result"]["time_s"]["samples"]) for r in timed})
-    return f"time: median and min-max of {'/'.join(map(str, steps))} timed steps {warm}"
+    rounds = max(len(r["result"]["time_s"]["rounds"]) for r in timed)
+    spread = (f", in {rounds} rounds (each a fresh process per row, every row once per round; the warm-up in each)"
+              if rounds > 1 else "")
+    return f"time: median and min-max of {'/'.join(map(str, steps))} timed steps {warm}{spread}"
 
 
 def sections(records: list[dict], budget_bytes: float) -> list[dict]:

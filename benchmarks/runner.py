@@ -36,23 +36,32 @@ def fork_server():
 
 
 def run_one(config: dict, timeout_s: float) -> dict:
-    """Correctness and memory in one fresh process, then time in another (see benchmarks.measure);
-    only the first for a configuration with "timed": False, only the second with "memory": False."""
-    wall_s = {}  # what each process cost, its start included: for estimating a run's duration
-    result = {}
+    """Correctness and memory in one fresh process, then time in another, in one round (see
+    benchmarks.measure and run_all); only the first for a configuration with "timed": False, only
+    the second with "memory": False."""
+    result = {"wall_s": {}}  # what each process cost, its start included: for estimating a run's duration
     if config.get("memory", True):
-        result, wall_s["memory"] = _timed_run("memory", config, timeout_s)
+        _add_process(result, "memory", config, timeout_s)
     if "error" not in result and config.get("timed", True):
-        timing, wall_s["time"] = _timed_run("time", config, timeout_s)
-        result.update(timing)
-    result["wall_s"] = wall_s
+        _add_process(result, "time", config, timeout_s)
     return result
 
 
-def _timed_run(kind: str, config: dict, timeout_s: float) -> tuple[dict, float]:
+def round_repeats(config: dict, round_index: int) -> int:
+    """The timed steps of one round: the configuration's `repeats` split as evenly as can be over its `rounds`."""
+    repeats, rounds = config["repeats"], config.get("rounds", 1)
+    return repeats * (round_index + 1) // rounds - repeats * round_index // rounds
+
+
+def _add_process(result: dict, kind: str, config: dict, timeout_s: float) -> None:
+    """Runs one measuring process and adds what it measured to `result`: a time process's steps join
+    those of the configuration's earlier rounds."""
     started = time.perf_counter()
-    result = _run_in_process(fork_server(), kind, config, timeout_s)
-    return result, round(time.perf_counter() - started, 2)
+    measured = _run_in_process(fork_server(), kind, config, timeout_s)
+    result["wall_s"][kind] = result["wall_s"].get(kind, 0.0) + round(time.perf_counter() - started, 2)
+    if kind == "time" and "time_s" in measured and "time_s" in result:
+        measured["time_s"] = measure.merge_rounds(result["time_s"], measured["time_s"])
+    result.update(measured)
 
 
 def _run_in_process(context, kind: str, config: dict, timeout_s: float) -> dict:
@@ -74,21 +83,39 @@ def _run_in_process(context, kind: str, config: dict, timeout_s: float) -> dict:
 
 
 def run_all(configs: list[dict], timeout_s: float) -> list[dict]:
-    """[config + {"result": ...}] for every configuration, in order."""
-    bar = progress_bar(len(configs))
-    records = []
+    """[config + {"result": ...}] for every configuration, in order. First every configuration's
+    memory process, then its timed steps in `rounds` rounds (the config's), each round a fresh
+    process per configuration and every configuration once per round: a host that slows down or
+    speeds up during the run then moves the samples of every row alike, not only of the rows
+    measured in that spell."""
+    rounds = max((config.get("rounds", 1) for config in configs), default=1)
+    results = [{"wall_s": {}} for _ in configs]
+    passes = [("memory", 0)] + [("time", index) for index in range(rounds)]
+    bar = progress_bar(sum(_runs(config, {}, kind, index) for kind, index in passes for config in configs))
     try:
-        for config in configs:
-            bar.set_description(f"{config['suite']}: {config['impl']} {config['memory_format']}")
-            result = run_one(config, timeout_s)
-            if "error" in result:
-                bar.write(f"FAILED {config['suite']} {describe(config)} {config['impl']} "
-                          f"{config['memory_format']}: {result['error']}")
-            records.append(dict(config, result=result))
-            bar.update(1)
+        for kind, round_index in passes:
+            for config, result in zip(configs, results):
+                if not _runs(config, result, kind, round_index):
+                    continue
+                bar.set_description(f"{config['suite']}: {config['impl']} {config['memory_format']} {kind}")
+                process_config = dict(config, repeats=round_repeats(config, round_index)) if kind == "time" else config
+                _add_process(result, kind, process_config, timeout_s)
+                if "error" in result:
+                    bar.write(f"FAILED {config['suite']} {describe(config)} {config['impl']} "
+                              f"{config['memory_format']}: {result['error']}")
+                bar.update(1)
     finally:
         bar.close()
-    return records
+    return [dict(config, result=result) for config, result in zip(configs, results)]
+
+
+def _runs(config: dict, result: dict, kind: str, round_index: int) -> bool:
+    """Whether run_all runs this configuration's `kind` process in this pass."""
+    if "error" in result:
+        return False
+    if kind == "memory":
+        return config.get("memory", True)
+    return config.get("timed", True) and round_index < config.get("rounds", 1)
 
 
 def _cpu_model() -> str:

@@ -51,6 +51,28 @@ def test_benchmark_smoke_run_checks_every_implementation(tmp_path):
     assert (tmp_path / "bars_block_block.png").stat().st_size > 0
 
 
+def test_timed_steps_run_in_interleaved_rounds(tmp_path):
+    """--rounds 2: every row's timed steps come from two fresh processes, and each round runs every
+    row once before the next round starts."""
+    impls = ("naive", "dense_ops/bn_relu")
+    results = run_benchmarks(tmp_path, "--only", "block", "--formats", "contiguous", "--impls", *impls,
+                             "--repeats", "3", "--rounds", "2")
+    records = results["records"]
+    assert_measured_and_checked(records)  # 3 samples in all
+    assert all(len(r["result"]["time_s"]["rounds"]) == 2 for r in records)
+    starts = sorted((run["started"], r["impl"]) for r in records for run in r["result"]["time_s"]["rounds"])
+    assert [impl for _, impl in starts] == list(impls) * 2
+    assert "in 2 rounds" in (tmp_path / "results.md").read_text()
+
+
+def test_rounds_must_not_exceed_the_timed_steps(capsys):
+    from benchmarks.__main__ import parse_args
+    assert parse_args(["--full"]).rounds == 2 and parse_args(["--quick"]).rounds == 1
+    with pytest.raises(SystemExit):
+        parse_args(["--repeats", "2", "--rounds", "3"])
+    assert "--rounds (3) must not exceed --repeats (2)" in capsys.readouterr().err
+
+
 def test_depth_search_measures_the_deepest_block_within_the_budget(tmp_path):
     budget_gib = 4 / 1024
     impls = ("naive", "dense_ops/bottleneck")
