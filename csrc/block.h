@@ -21,7 +21,7 @@ enum class BottleneckStrategy { kPerSample, kBatched };
 
 // kPerSample splits the batch into this many sample ranges (fewer for a smaller batch), whatever
 // the thread count, so that per-range partial sums, added in range order, give bitwise the same
-// gradients for any number of threads. The ranges share one scratch sample per thread.
+// gradients for any number of threads. The ranges share one scratch group per thread.
 constexpr int64_t kSampleRanges = 16;
 // Channels-last, a range's consecutive samples form one GEMM operand, so kPerSample runs its GEMMs
 // over groups of samples of about this many pixels (at least one sample; NCHW: one): one 8x8
