@@ -23,10 +23,10 @@ enum class BottleneckStrategy { kPerSample, kBatched };
 // the thread count, so that per-range partial sums, added in range order, give bitwise the same
 // gradients for any number of threads. The ranges share one scratch group per thread.
 constexpr int64_t kSampleRanges = 16;
-// Channels-last, a range's consecutive samples form one GEMM operand, so kPerSample runs its GEMMs
-// over groups of samples of about this many pixels (at least one sample; NCHW: one): one 8x8
-// sample's GEMM is too small to run at the large-GEMM rate, while a group of this size still fits
-// in L2 beside its BN1-ReLU output. The group size depends only on the shape, as the ranges do.
+// kPerSample runs its GEMMs over groups of a range's consecutive samples of about this many pixels
+// (at least one sample): one 8x8 sample's GEMM is too small to run at the large-GEMM rate, while a
+// group of this size still fits in L2 beside its BN1-ReLU output. The group size depends only on
+// the shape, as the ranges do.
 constexpr int64_t kGemmPixels = 1024;
 BottleneckStrategy bottleneck_strategy(bool on_cpu);
 

@@ -51,7 +51,7 @@ void Block::allocate_scratch() {
     sample_ranges = std::min(shape.batch, kSampleRanges);
     const int64_t range_samples = (shape.batch + sample_ranges - 1) / sample_ranges;
     const int64_t group = kGemmPixels / std::max<int64_t>(1, shape.pixels_per_sample());
-    samples_per_gemm = channels_last ? std::clamp<int64_t>(group, 1, range_samples) : 1;
+    samples_per_gemm = std::clamp<int64_t>(group, 1, range_samples);
     scratch_samples = std::min<int64_t>(sample_ranges, at::get_num_threads()) * samples_per_gemm;
   } else {
     const int64_t bytes = std::max<int64_t>(1, per_sample * features.element_size());
@@ -75,8 +75,9 @@ at::Tensor weight_matrix(const at::Tensor& weight) { return weight.reshape({weig
 
 // ---- kPerSample: one group of samples' GEMM at a time, sample ranges on parallel threads ----
 
-// The [C, samples*H*W] matrix of a [samples, C, H, W] tensor, as a view (transposed strides), so
-// that GEMM outputs land in our buffers: channels-last, or NCHW with one sample.
+// The [C, samples*H*W] matrix of a [samples, C, H, W] tensor, as a view, so that GEMM outputs land
+// in our buffers: channels-last, or channel-major over the samples ([C][samples][H][W], which one
+// NCHW sample is too).
 at::Tensor samples_matrix(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).view({-1, t.size(1)}).t(); }
 
 // Runs body(slot, range, n, samples) for every group of at most block.samples_per_gemm samples
@@ -100,9 +101,17 @@ void for_sample_groups(const Block& block, const Body& body) {
   });
 }
 
-// The BN1-ReLU output of layer l for the group of `samples` samples in scratch slot `slot`.
+// The BN1-ReLU output of layer l for the group of `samples` samples in scratch slot `slot`, laid
+// out as one samples_matrix: channels-last, or channel-major over the samples for an NCHW block
+// (each sample's plane of a channel is still contiguous, as the NCHW kernels need).
 at::Tensor group_z1(const Block& block, int64_t l, int64_t slot, int64_t samples) {
-  return block.z1(l, slot * block.samples_per_gemm, samples);
+  if (block.channels_last) return block.z1(l, slot * block.samples_per_gemm, samples);
+  const BlockShape& shape = block.shape;
+  const int64_t channels = shape.channels(l);
+  return block.scratch.narrow(0, slot * block.samples_per_gemm * block.scratch_stride(),
+                              channels * samples * shape.pixels_per_sample())
+      .view({channels, samples, shape.height, shape.width})
+      .transpose(0, 1);
 }
 
 void forward_per_sample(const Block& block, int64_t l, const at::Tensor& out) {

@@ -38,7 +38,7 @@ def test_extension_parallel_for_uses_torchs_threads(restore_threads):
 
 @pytest.mark.parametrize("recompute", ["bn_relu", "bottleneck"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("batch", [5, 37], ids=["5_ranges", "16_ranges"])  # channels-last 37: GEMMs of 2-3 samples
+@pytest.mark.parametrize("batch", [5, 37], ids=["5_ranges", "16_ranges"])  # 37: GEMMs of 2-3 samples
 def test_results_are_bitwise_identical_for_any_thread_count(recompute, channels_last, batch, restore_threads):
     _, ours = block_pair(num_layers=3, in_channels=6, bn_size=2, growth=4, dtype=torch.float32, recompute=recompute)
     x = torch.randn(batch, 6, 9, 9)

@@ -41,13 +41,15 @@ def test_strategy_matches_naive(strategy, monkeypatch, recompute, training, chan
 
 @pytest.mark.parametrize("recompute", ["bn_relu", "bottleneck"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_per_sample_gemms_over_groups_of_samples_match_naive(monkeypatch, recompute, training):
-    # 37 samples make 16 ranges of 2 or 3; channels-last 5x5 samples are small enough that a
-    # range's samples run as one GEMM (block.h, kGemmPixels).
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_per_sample_gemms_over_groups_of_samples_match_naive(monkeypatch, recompute, training, channels_last):
+    # 37 samples make 16 ranges of 2 or 3; 5x5 samples are small enough that a range's samples
+    # run as one GEMM (block.h, kGemmPixels).
     monkeypatch.setenv("DENSE_OPS_BOTTLENECK", "per_sample")
     naive, ours = block_pair(num_layers=3, in_channels=6, bn_size=2, growth=4, recompute=recompute)
     naive.train(training), ours.train(training)
-    compare(naive, ours, torch.randn(37, 6, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last))
+    x = torch.randn(37, 6, 5, 5, dtype=torch.float64)
+    compare(naive, ours, x.contiguous(memory_format=torch.channels_last) if channels_last else x)
 
 
 def test_bad_strategy_names_the_variable(monkeypatch):
