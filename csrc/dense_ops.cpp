@@ -14,6 +14,7 @@
 #include "cpu/isa.h"
 #include "dense_block.h"
 #include "dtypes.h"
+#include "group_conv.h"
 
 #ifdef DENSE_OPS_WITH_CUDA
 #include <cuda.h>  // CUDA_VERSION of the toolkit that compiled us
@@ -58,6 +59,9 @@ TORCH_LIBRARY(dense_ops, m) {
   m.def(
       "condensed_conv(Tensor input, Tensor index, Tensor scale, Tensor shift, Tensor weight, int groups, "
       "Tensor? out_scale=None, Tensor? out_shift=None) -> Tensor");
+  // CondenseNet's 3x3 grouped convolution in inference: conv2d(input, weight, padding=1,
+  // groups=groups), stride 1, no bias (group_conv.h).
+  m.def("group_conv3x3(Tensor input, Tensor weight, int groups) -> Tensor");
 }
 
 namespace {
@@ -129,6 +133,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return dense_ops::bottleneck_format(dense_ops::bottleneck_strategy(on_cpu), block_format) ==
            at::MemoryFormat::ChannelsLast;
   }, "Whether a block keeps its bottleneck-width tensors (saved_bottleneck among them) channels-last");
+  m.def("group_conv3x3_direct", [](int64_t group_inputs, at::ScalarType dtype) {
+    return dense_ops::group_conv::uses_direct_kernel(group_inputs, dtype);
+  }, "Whether the CPU runs group_conv3x3 with this many inputs per group in its direct kernel (else oneDNN)");
   m.def("_parallel_for_threads", &parallel_for_threads,
         "Distinct threads used by an at::parallel_for compiled into the extension (a test probe)");
 }

@@ -314,9 +314,38 @@ def condensed_conv(input, index, scale, shift, weight, groups, out_scale=None, o
     return torch.ops.dense_ops.condensed_conv(input, index, scale, shift, weight, groups, out_scale, out_shift)
 
 
-# --- Autocast: the condensed conv runs in the autocast dtype, as a convolution does ---------------
-# The gathered input and the weight are cast (float64 stays, as autocast leaves it); the folded BN
-# scale and shift stay float32: the kernels apply them and accumulate the GEMM in float32.
+# --- CondenseNet: the 3x3 grouped convolution (csrc/group_conv.h) -------------------------------
+
+@torch.library.register_fake("dense_ops::group_conv3x3")
+def _group_conv3x3_fake(input, weight, groups):
+    _check_devices("group_conv3x3", input, weight=weight)
+    torch._check(groups > 0, lambda: f"group_conv3x3: groups must be positive, got {groups}")
+    torch._check(weight.shape[0] % groups == 0,
+                 lambda: f"group_conv3x3: weight's out_channels {weight.shape[0]} is not divisible by groups={groups}")
+    n, _, h, w = input.shape
+    return _empty((n, weight.shape[0], h, w), input, memory_format=suggest_memory_format(input))
+
+
+def _group_conv3x3_backward(ctx, grad):
+    raise RuntimeError(
+        "dense_ops.group_conv3x3 is an inference kernel and has no backward; GroupConv2d runs nn.Conv2d when "
+        "gradients are needed")
+
+
+torch.library.register_autograd("dense_ops::group_conv3x3", _group_conv3x3_backward)
+
+
+def group_conv3x3(input, weight, groups):
+    """conv2d(input, weight, padding=1, groups=groups) for inference (stride 1, no bias): on CPU, thin groups
+    run in a direct kernel (oneDNN's grouped kernel is slow on them), wider ones through oneDNN; cuDNN on CUDA."""
+    if exporting_to_onnx():
+        return F.conv2d(input, weight, padding=1, groups=groups)
+    return torch.ops.dense_ops.group_conv3x3(input, weight, groups)
+
+
+# --- Autocast: the condensed and grouped convs run in the autocast dtype, as a convolution does ------
+# The input and the weight are cast (float64 stays, as autocast leaves it); the condensed conv's
+# folded BN scale and shift stay float32: its kernels apply them and accumulate the GEMM in float32.
 
 _AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
 _autocast_library = torch.library.Library("dense_ops", "IMPL")  # kept alive: it holds the registrations
@@ -338,5 +367,14 @@ def _condensed_conv_autocast(device_type):
     return kernel
 
 
+def _group_conv3x3_autocast(device_type):
+    def kernel(input, weight, groups):
+        input, weight = autocast_operand(input, device_type), autocast_operand(weight, device_type)
+        with torch.autocast(device_type, enabled=False):
+            return torch.ops.dense_ops.group_conv3x3(input, weight, groups)
+    return kernel
+
+
 for _device_type, _key in _AUTOCAST_KEYS.items():
     _autocast_library.impl("condensed_conv", _condensed_conv_autocast(_device_type), _key)
+    _autocast_library.impl("group_conv3x3", _group_conv3x3_autocast(_device_type), _key)

@@ -14,7 +14,7 @@ import dense_ops
 from dense_ops import CondensedConv, CondensedLinear, LearnedGroupConv, condense, group_lasso_loss, reference
 from dense_ops.condense import _learned_group_convs as learned_group_convs, condensation_stage, fold_batch_norm
 from dense_ops.models import condensenet74, condensenet_cifar
-from dense_ops.models.condensenet import GroupConv2d, average_pool_2x2_into, block_diagonal
+from dense_ops.models.condensenet import GroupConv2d, average_pool_2x2_into
 from dense_ops.flops import count_flops_params
 from conftest import DEVICES
 from helpers import randomize_batch_norms as randomize
@@ -485,8 +485,8 @@ def test_inference_forward_hooks_still_run():
 
 
 def test_inference_paths_match_training_model_on_odd_sizes():
-    # Growth 4 and 16 with 4 groups: thin (4 inputs per group, dense block-diagonal 3x3 on CPU) and
-    # wide (16 per group, grouped 3x3) layers; 30x30 makes the second transition pool an odd size.
+    # Growth 4 and 16 with 4 groups: 4 and 16 inputs per group in the 3x3 convs; 30x30 makes the second
+    # transition pool an odd size.
     torch.manual_seed(0)
     model = randomize(condensenet_cifar(depth=8, growth_rates=(4, 16, 8), num_classes=5))
     dense_ops.update_condensation(model, 1.0)
@@ -498,26 +498,129 @@ def test_inference_paths_match_training_model_on_odd_sizes():
         torch.testing.assert_close(converted(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_block_diagonal_weight_equals_grouped_conv():
-    weight = torch.randn(6, 4, 3, 3, dtype=torch.float64)
-    x = torch.randn(2, 12, 7, 5, dtype=torch.float64)
-    dense = block_diagonal(weight, 3)
-    assert dense.shape == (6, 12, 3, 3)
-    torch.testing.assert_close(nn.functional.conv2d(x, dense, padding=1),
-                               nn.functional.conv2d(x, weight, padding=1, groups=3))
+# ------------------------------------------------------------------ the 3x3 grouped conv op
+
+# (batch, in_channels, height, width, out_channels, groups, the CPU kernel for float32/float64)
+GROUP_CONV_SHAPES = [
+    (2, 32, 12, 11, 8, 4, "direct"),  # CondenseNet-74 stage 1's thin groups (8 inputs, 2 outputs each)
+    (1, 16, 40, 33, 6, 1, "direct"),  # one image, one group: the rows split into bands
+    (3, 12, 7, 5, 9, 3, "direct"),  # 3 outputs per group: a 2-channel and a 1-channel register tile
+    (2, 8, 1, 1, 4, 2, "direct"),
+    (2, 4, 1, 9, 2, 2, "direct"),
+    (2, 6, 9, 1, 3, 3, "direct"),
+    (2, 64, 6, 7, 16, 2, "aten"),  # 32 inputs per group: oneDNN's grouped kernel
+]
 
 
+def group_conv_case(shape, dtype, device, layout):
+    n, c, h, w, out_channels, groups, _ = shape
+    x = torch.randn(n, c + 3, 2 * h, 2 * w, dtype=dtype, device=device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x[:, 1:c + 1] if layout == "channel_slice" else x[:, :c]
+    x = x[:, :, ::2, 1::2] if layout == "spatial_stride" else x[:, :, :h, :w]
+    if layout in ("contiguous", "channels_last"):
+        x = x.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    weight = torch.randn(out_channels, c // groups, 3, 3, dtype=dtype, device=device)
+    return x, weight, groups
 
-def test_group_conv_as_dense_follows_its_weight():
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channel_slice", "spatial_stride"])
+@pytest.mark.parametrize("shape", GROUP_CONV_SHAPES, ids=lambda shape: "x".join(map(str, shape)))
+def test_group_conv3x3_matches_conv2d(device, dtype, layout, shape):
+    x, weight, groups = group_conv_case(shape, dtype, device, layout)
+    assert dense_ops._C.group_conv3x3_direct(x.shape[1] // groups, dtype) == (shape[-1] == "direct")
+    actual = dense_ops.ops.group_conv3x3(x, weight, groups)
+    torch.testing.assert_close(actual, F.conv2d(x, weight, padding=1, groups=groups))
+    channels_last = layout == "channels_last"
+    assert actual.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_group_conv3x3_same_bits_for_any_thread_count():
+    x = torch.randn(1, 16, 45, 37)  # 2 groups of 8 inputs: the bands follow the thread count
+    weight = torch.randn(6, 8, 3, 3)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(dense_ops.ops.group_conv3x3(x, weight, 2))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_group_conv3x3_low_precision_runs_atens_conv(dtype):
+    x, weight = torch.randn(2, 8, 5, 6, dtype=dtype), torch.randn(4, 4, 3, 3, dtype=dtype)
+    assert not dense_ops._C.group_conv3x3_direct(4, dtype)
+    assert torch.equal(dense_ops.ops.group_conv3x3(x, weight, 2), F.conv2d(x, weight, padding=1, groups=2))
+
+
+def test_group_conv3x3_under_autocast_runs_in_the_autocast_dtype():
+    x, weight = torch.randn(2, 8, 5, 6), torch.randn(4, 4, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = dense_ops.ops.group_conv3x3(x, weight, 2)
+        expected = F.conv2d(x, weight, padding=1, groups=2)
+    assert actual.dtype == torch.bfloat16 and torch.equal(actual, expected)
+
+
+def test_group_conv3x3_opcheck():
+    x, weight = torch.randn(2, 8, 5, 6), torch.randn(6, 4, 3, 3)
+    for args in ((x, weight, 2), (x.to(memory_format=torch.channels_last), weight, 2), (torch.randn(1, 64, 3, 3),
+                                                                                       torch.randn(4, 32, 3, 3), 2)):
+        torch.library.opcheck(torch.ops.dense_ops.group_conv3x3.default, args)
+
+
+def test_group_conv3x3_empty_batch():
+    assert dense_ops.ops.group_conv3x3(torch.randn(0, 8, 3, 3), torch.randn(4, 4, 3, 3), 2).shape == (0, 4, 3, 3)
+
+
+def test_group_conv3x3_bad_arguments():
+    x, weight = torch.randn(1, 8, 4, 4), torch.randn(4, 4, 3, 3)
+    cases = [
+        ((x[0], weight, 2), "input must be 4-D"),
+        ((x, weight, 0), "groups must be positive, got 0"),
+        ((x, weight, 3), "input's channels 8 are not divisible by groups=3"),
+        ((x, torch.randn(4, 4, 1, 1), 2), r"weight must be \[out_channels, 4, 3, 3\]"),
+        ((x, torch.randn(3, 2, 3, 3), 4), "weight's out_channels 3 is not divisible by groups=4"),
+        ((x, weight.double(), 2), "weight dtype"),
+        ((x.int(), weight, 2), "input must be floating point"),
+        ((x, weight.to("meta"), 2), "group_conv3x3: weight is on meta, but the input is on cpu"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            dense_ops.ops.group_conv3x3(*args)
+
+
+def test_group_conv3x3_has_no_backward():
+    weight = torch.randn(4, 4, 3, 3, requires_grad=True)
+    out = torch.ops.dense_ops.group_conv3x3(torch.randn(1, 8, 4, 4), weight, 2)
+    with pytest.raises(RuntimeError, match="group_conv3x3 is an inference kernel"):
+        out.sum().backward()
+
+
+def test_group_conv2d_runs_the_op_only_in_inference():
     conv = GroupConv2d(12, 6, kernel_size=3, padding=1, groups=3, bias=False).double()
     x = torch.randn(2, 12, 7, 5, dtype=torch.float64)
-    for _ in range(2):
-        with torch.no_grad():
-            torch.testing.assert_close(conv(x, as_dense=True), conv(x))
-            conv.weight.mul_(-2.0)  # in place: the cached dense weight must follow
-    y = conv(x, as_dense=True)  # with autograd: the grouped conv, and gradients reach the weight
+    with torch.no_grad():
+        expected = F.conv2d(x, conv.weight, padding=1, groups=3)
+        with CountOps() as counts:
+            torch.testing.assert_close(conv(x, inference=True), expected)
+            torch.testing.assert_close(conv(x), expected)
+    assert counts.calls["dense_ops::group_conv3x3"] == 1
+    with CountOps() as counts:
+        y = conv(x, inference=True)  # with autograd: nn.Conv2d, and gradients reach the weight
+    assert counts.calls["dense_ops::group_conv3x3"] == 0
     y.sum().backward()
     assert conv.weight.grad is not None
+    unpadded = GroupConv2d(12, 6, kernel_size=3, groups=3, bias=False)
+    with torch.no_grad(), CountOps() as counts:
+        assert unpadded(torch.randn(1, 12, 5, 5), inference=True).shape == (1, 6, 3, 3)
+    assert counts.calls["dense_ops::group_conv3x3"] == 0
+
 
 @pytest.mark.parametrize("size", [(8, 6), (7, 9)])
 def test_average_pool_into_a_channel_slice(size):

@@ -10,8 +10,8 @@ parameter names are the official code's (``load_official_condensenet`` loads its
 In inference (no gradient needed: grad mode off, or neither the input nor any parameter requires
 grad, as in the output of ``dense_ops.condense``), a block writes every layer's new features into
 one preallocated [N, C_total, H, W] buffer and each layer reads a prefix view of it: no torch.cat;
-the 2x2 transition pools are strided adds (average_pool_2x2_into), and on CPU small thin-group 3x3
-convs run as dense block-diagonal convs (see THIN_GROUP_INPUTS). Training concatenates, since
+the 2x2 transition pools are strided adds (average_pool_2x2_into), and the 3x3 grouped convs run as
+dense_ops.ops.group_conv3x3 (on CPU a direct kernel for thin groups). Training concatenates, since
 autograd needs the earlier layers' inputs unchanged. ``reference.unfused_condensenet`` turns all of this off.
 """
 from __future__ import annotations
@@ -25,44 +25,26 @@ import torch.nn.functional as F
 from torch import nn
 from torch._prims_common import suggest_memory_format
 
-from .._common import DerivedTensorCache, check_positive, has_hooks, needs_grad, needs_grad_through
+from .. import ops
+from .._common import check_positive, has_hooks, needs_grad, needs_grad_through
 from ..condense import CondensedConv, LearnedGroupConv
 
 INIT_MODES = ("fan_in", "fan_out")
-# CPU inference runs a small grouped 3x3 conv with at most THIN_GROUP_INPUTS input channels per
-# group and at most THIN_GROUP_PIXELS pixels (N*H*W) as one dense conv with a block-diagonal weight:
-# oneDNN's grouped kernel has a fixed cost that makes it about 1.5x slower than that dense conv on
-# one 112x112 image of CondenseNet-74's stage 1 (8 inputs, 2 outputs per group), while from two
-# images on the dense conv's 4x multiply-adds cost more (measured here: 1.3x slower at N=32). Wider
-# groups keep the grouped kernel. The zero blocks only add exact zeros.
-THIN_GROUP_INPUTS = 8
-THIN_GROUP_PIXELS = 112 * 112
-
-
-def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """The dense [O, G*I, kh, kw] weight equal to a grouped conv's [O, I, kh, kw] weight."""
-    out_channels, per_group_in = weight.shape[:2]
-    dense = weight.new_zeros(out_channels, groups * per_group_in, *weight.shape[2:])
-    per_group_out = out_channels // groups
-    for g in range(groups):
-        dense[g * per_group_out:(g + 1) * per_group_out, g * per_group_in:(g + 1) * per_group_in] = \
-            weight[g * per_group_out:(g + 1) * per_group_out]
-    return dense
 
 
 class GroupConv2d(nn.Conv2d):
-    """nn.Conv2d (zero padding) that can run a grouped conv as the equal dense conv (`as_dense=True`,
-    without autograd: the dense weight is cached until the weight changes)."""
+    """nn.Conv2d (the official code's) that, called with `inference=True`, runs as
+    dense_ops.ops.group_conv3x3 when no gradient is needed and it is a 3x3 conv of stride 1 with zero
+    padding 1 and no bias, as CondenseNet's are."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._dense_weight = DerivedTensorCache()
-
-    def forward(self, x: torch.Tensor, as_dense: bool = False) -> torch.Tensor:
-        if not as_dense or self.groups == 1 or needs_grad(x, self.weight):
+    def forward(self, x: torch.Tensor, inference: bool = False) -> torch.Tensor:
+        if not inference or needs_grad(x, self.weight) or not self._is_group_conv3x3():
             return super().forward(x)
-        dense = self._dense_weight.get([self.weight], lambda: block_diagonal(self.weight, self.groups), self.groups)
-        return F.conv2d(x, dense, self.bias, self.stride, self.padding, self.dilation)
+        return ops.group_conv3x3(x, self.weight, self.groups)
+
+    def _is_group_conv3x3(self) -> bool:
+        return (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
+                and self.dilation == (1, 1) and self.bias is None and self.padding_mode == "zeros")
 
 
 @dataclass(frozen=True)
@@ -100,15 +82,12 @@ class CondenseLayer(nn.Module):
 
     def inference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """forward() when no gradient is needed: a condensed conv_1 applies conv_2's BN and ReLU as it writes
-        its output, and a small thin-group 3x3 conv on CPU runs as a dense one."""
+        its output (the 3x3 conv is group_conv3x3 through GroupConv2d)."""
         if isinstance(self.conv_1, CondensedConv) and not has_hooks(self.conv_1, self.conv_2.norm, self.conv_2.relu):
             z = self.conv_1.forward_bn_relu(x, self.conv_2.norm)
         else:
             z = self.conv_2.relu(self.conv_2.norm(self.conv_1(x)))
-        conv = self.conv_2.conv
-        thin = (x.device.type == "cpu" and conv.groups > 1 and conv.in_channels // conv.groups <= THIN_GROUP_INPUTS
-                and z.shape[0] * z.shape[2] * z.shape[3] <= THIN_GROUP_PIXELS)
-        return conv(z, as_dense=thin)
+        return self.conv_2.conv(z, inference=True)
 
 
 def average_pool_2x2_into(x: torch.Tensor, out: torch.Tensor) -> None:
