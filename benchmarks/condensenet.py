@@ -3,8 +3,8 @@
     python -m benchmarks.condensenet [--batch-sizes 1 32] [--repeats 5] [--threads N]
 
 Model level (224x224, eval mode, inference_mode): the converted CondenseNet-74 (C=G=4) with the
-fused CondensedConv op, preallocated block buffers that the transitions pool into, and thin-group
-3x3 convs run as dense block-diagonal ones, against the same weights in the reference
+fused CondensedConv op, preallocated block buffers that the transitions pool into, and the 3x3
+grouped convs as dense_ops.ops.group_conv3x3, against the same weights in the reference
 converted form of the official code (index_select / BN / ReLU / grouped conv / shuffle modules,
 torch.cat per layer) and against torchvision's densenet121.
 Layer level: CondensedConv (fused op) against the reference form and the masked dense conv of

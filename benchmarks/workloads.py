@@ -18,8 +18,8 @@ COMPILED_IMPLEMENTATIONS = ("naive+compile", "dense_ops/bn_relu+compile", "dense
 # Converted CondenseNet inference: "naive" is the official code's converted form (index_select,
 # BN, ReLU, grouped conv, shuffle, torch.cat per layer); "naive+model_choices" the same layer ops
 # inside dense_ops' model-level choices (preallocated block buffers, 2x2 pools as strided adds,
-# thin-group 3x3 convs as dense block-diagonal ones), so that it differs from
-# "dense_ops/fused" (our CondensedConv op and those choices) only by the op; "masked" the
+# 3x3 grouped convs as the group_conv3x3 op), so that it differs from "dense_ops/fused" (our
+# CondensedConv op and those choices) only by the condensed 1x1 conv; "masked" the
 # training-time model with its masked dense 1x1 convs; "torchvision/densenet121" the network that
 # CondenseNet-74 is measured against (5.5x its multiply-adds at a similar ImageNet accuracy).
 CONDENSENET_IMPLEMENTATIONS = ("naive", "naive+model_choices", "masked", "dense_ops/fused", "torchvision/densenet121")
@@ -110,8 +110,8 @@ def with_model_choices(official: nn.Module) -> nn.Module:
     grouped conv / shuffle modules, every 2x2 pool for ATen's and turns each block's `preallocate`
     off. Here the pools are dense_ops' again (AvgPool2x2: strided adds) and, with `preallocate` on,
     dense_ops.models.condensenet runs the same layer modules with its own model-level choices:
-    every block writes into one preallocated buffer (no torch.cat) and thin-group 3x3 convs run
-    as dense block-diagonal convs (THIN_GROUP_INPUTS). A reference CondensedConv is not the fused
+    every block writes into one preallocated buffer (no torch.cat) and the 3x3 grouped convs run as
+    dense_ops.ops.group_conv3x3 (GroupConv2d, as in the fused row). A reference CondensedConv is not the fused
     op, so each layer still applies its own BN and ReLU after it.
     """
     import dense_ops
