@@ -107,14 +107,18 @@ struct GroupConv {
     }
     for (int64_t i = 0; i < inputs; ++i) {
       const scalar_t* src = buffer + i * plane + q0;
-      for (int tap = 0; tap < 9; ++tap) {
-        const scalar_t* s = src + (tap / 3) * wp + tap % 3;
-        vec_t b[kChannels];
-        for (int c = 0; c < kChannels; ++c) b[c] = vec_t{} + w[(c * inputs + i) * 9 + tap];
-        for (int v = 0; v < kTileVectors; ++v) {
-          vec_t x;
-          std::memcpy(&x, s + v * kLanes, sizeof(vec_t));
-          for (int c = 0; c < kChannels; ++c) acc[c][v] += b[c] * x;
+      const scalar_t* w_i = w + i * 9;
+      for (int dy = 0; dy < 3; ++dy) {
+        for (int dx = 0; dx < 3; ++dx) {
+          const scalar_t* s = src + dy * wp + dx;
+          vec_t b[kChannels];
+          // value - 0 is value exactly, so this is one broadcast (0 + value would round -0 to +0).
+          for (int c = 0; c < kChannels; ++c) b[c] = w_i[c * inputs * 9 + dy * 3 + dx] - vec_t{};
+          for (int v = 0; v < kTileVectors; ++v) {
+            vec_t x;
+            std::memcpy(&x, s + v * kLanes, sizeof(vec_t));
+            for (int c = 0; c < kChannels; ++c) acc[c][v] += b[c] * x;
+          }
         }
       }
     }
