@@ -43,6 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rounds the timed steps are split into, each a fresh process per configuration, every "
                              "configuration once per round, so that a host's drift during the run reaches every "
                              "row alike (default 2 with --full, else 1)")
+    parser.add_argument("--min-time", type=float,
+                        help="seconds of timed steps each time process takes at least: a fast step (CondenseNet "
+                             "at batch 1) is timed more than --repeats times, so that a short spell of a shared "
+                             "host's contention is not half its samples (default 1 with --full and --quick, 0 "
+                             "with --smoke)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up steps besides the first one "
                                                    "(default 2 full, else 0)")
     parser.add_argument("--threads", type=int, default=runner.available_cores(),
@@ -59,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.size == "full" else 0)
     args.rounds = args.rounds if args.rounds is not None else SIZES[args.size]["rounds"]
+    args.min_time = args.min_time if args.min_time is not None else SIZES[args.size]["min_time_s"]
     if args.budget_gib is None:
         args.budget_gib = SIZES[args.size]["budget_gib"]
     if args.depth_search is None:
@@ -70,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.rounds > args.repeats:
         parser.error(f"--rounds ({args.rounds}) must not exceed --repeats ({args.repeats}): every round times a step")
+    if args.min_time < 0:
+        parser.error(f"--min-time must be >= 0, got {args.min_time}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     return args

@@ -15,7 +15,8 @@ Memory process: build the model and batch, then
    memory allocated before the step.
 Time process, with the allocator as users have it (the settings above make every large
 allocation a fresh mmap, which slows steps down, the more the more an implementation
-allocates): 1 + `warmup` warm-up steps, then `repeats` timed steps (CUDA: events + synchronize);
+allocates): 1 + `warmup` warm-up steps, then `repeats` timed steps, more while they add up to
+less than `min_time_s` (CUDA: events + synchronize);
 runner.run_all may split a configuration's timed steps over several such processes (rounds).
 A configuration with "timed": False (the depth search) runs only the memory process.
 """
@@ -196,7 +197,7 @@ def measure_time(config: dict) -> dict:
     warm = warm_up(workload, config["warmup"], device)
     timed_step = Timed(workload.step, device)
     started = time.time()
-    for _ in range(config["repeats"]):
+    while len(timed_step.samples) < config["repeats"] or sum(timed_step.samples) < config.get("min_time_s", 0.0):
         timed_step()
     samples = timed_step.samples
     median = statistics.median(samples)

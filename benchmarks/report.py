@@ -243,11 +243,12 @@ def _steps_note(records: list[dict]) -> str:
     warm = f"after 1 untimed step + {'/'.join(map(str, warmup))} warm-up"
     if not timed:
         return f"peak memory of one step {warm}; not timed"
-    steps = sorted({len(r["result"]["time_s"]["samples"]) for r in timed})
+    counts = sorted({len(r["result"]["time_s"]["samples"]) for r in timed})
+    steps = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     rounds = max(len(r["result"]["time_s"]["rounds"]) for r in timed)
     spread = (f", in {rounds} rounds (each a fresh process per row, every row once per round; the warm-up in each)"
               if rounds > 1 else "")
-    return f"time: median and min-max of {'/'.join(map(str, steps))} timed steps {warm}{spread}"
+    return f"time: median and min-max of {steps} timed steps {warm}{spread}"
 
 
 def sections(records: list[dict], budget_bytes: float) -> list[dict]:

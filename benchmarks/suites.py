@@ -31,7 +31,7 @@ SIZES = {
                        "depths": {12: (16, 32, 64, 128, 192, 256), 32: (16, 32, 64, 128, 192, 256)}},
              "training": {"block": EVERY_TRAINING_ROW, "densenet_bc100": EVERY_TRAINING_ROW,
                           "densenet121": EVERY_TRAINING_ROW},
-             "check_compiled": True, "budget_gib": 2.0, "rounds": 2},
+             "check_compiled": True, "budget_gib": 2.0, "rounds": 2, "min_time_s": 1.0},
     "quick": {"suites": ("block", "densenet_bc100", "depth", "condensenet"),
               "block": {"num_layers": 24, "c0": 32, "growth": 12, "bn_size": 4, "batch": 4, "size": 32},
               "cifar": {"depth": 100, "growth": 12, "batch": 8, "size": 32},
@@ -42,7 +42,7 @@ SIZES = {
                            "densenet_bc100": ("naive", "naive+compile", *FLOORS, "dense_ops/bn_relu",
                                               "dense_ops/bottleneck"),
                            "densenet121": IMPLEMENTATIONS},
-              "check_compiled": False, "budget_gib": 2.0, "rounds": 1},
+              "check_compiled": False, "budget_gib": 2.0, "rounds": 1, "min_time_s": 1.0},
     "smoke": {"suites": ("block", "densenet_bc100", "densenet121", "depth", "inference", "condensenet"),
               "block": {"num_layers": 6, "c0": 16, "growth": 8, "bn_size": 4, "batch": 4, "size": 16},
               "cifar": {"depth": 40, "growth": 12, "batch": 4, "size": 32},
@@ -55,7 +55,7 @@ SIZES = {
               "training": {"block": IMPLEMENTATIONS + COMPILED_IMPLEMENTATIONS[:2] + FLOORS,
                            "densenet_bc100": IMPLEMENTATIONS,
                            "densenet121": IMPLEMENTATIONS},
-              "check_compiled": True, "budget_gib": 1 / 64, "rounds": 1},
+              "check_compiled": True, "budget_gib": 1 / 64, "rounds": 1, "min_time_s": 0.0},
 }
 FLOOR_DESCRIPTIONS = {CONVOLUTIONS: "naive's convolutions alone: a time floor, no model to check",
                       ARITHMETIC: "naive's operations as large GEMMs: a time floor, no model to check"}
@@ -68,7 +68,7 @@ def _configs(suite: str, workload: str, shapes, impls, formats, mode: str, optio
     return [_with_check({"suite": suite, "workload": workload, "shape": shape, "impl": impl,
                          "memory_format": memory_format, "mode": mode, "device": options.device,
                          "threads": options.threads, "warmup": options.warmup, "repeats": options.repeats,
-                         "rounds": options.rounds}, options)
+                         "rounds": options.rounds, "min_time_s": options.min_time}, options)
             for shape, memory_format, impl in product(shapes, formats, impls)]
 
 

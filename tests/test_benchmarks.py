@@ -26,7 +26,9 @@ def assert_measured_and_checked(records: list[dict]) -> None:
         if record.get("memory", True):
             assert result["peak_bytes"] > 0
         if record.get("timed", True):
-            assert result["time_s"]["median"] > 0 and len(result["time_s"]["samples"]) == record["repeats"]
+            samples = result["time_s"]["samples"]
+            assert result["time_s"]["median"] > 0 and len(samples) >= record["repeats"]
+            assert len(samples) == record["repeats"] or sum(samples) >= record["min_time_s"]
         if record["impl"] != "naive" and record["check"]:
             assert result["check"]["passed"], result["check"]
 
@@ -63,6 +65,16 @@ def test_timed_steps_run_in_interleaved_rounds(tmp_path):
     starts = sorted((run["started"], r["impl"]) for r in records for run in r["result"]["time_s"]["rounds"])
     assert [impl for _, impl in starts] == list(impls) * 2
     assert "in 2 rounds" in (tmp_path / "results.md").read_text()
+
+
+def test_fast_steps_are_timed_for_at_least_min_time(tmp_path):
+    results = run_benchmarks(tmp_path, "--only", "block", "--formats", "contiguous", "--impls", "naive",
+                             "--repeats", "2", "--min-time", "0.5")
+    [record] = results["records"]
+    assert_measured_and_checked([record])
+    samples = record["result"]["time_s"]["samples"]
+    assert len(samples) > 2 and sum(samples) >= 0.5 > sum(samples[:-1])  # steps stop once there are enough
+    assert f"of {len(samples)} timed steps" in (tmp_path / "results.md").read_text()
 
 
 def test_rounds_must_not_exceed_the_timed_steps(capsys):
