@@ -37,7 +37,6 @@ bool uses_direct_kernel(int64_t group_inputs, at::ScalarType dtype) {
 }
 
 at::Tensor through_aten(const at::Tensor& input, const at::Tensor& weight, int64_t groups) {
-  check_arguments(input, weight, groups);
   if (input.numel() == 0 || weight.size(0) == 0) return empty_output(input, weight);
   return at::convolution(input, weight, {}, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, groups)
       .contiguous(input.suggest_memory_format());
@@ -45,8 +44,17 @@ at::Tensor through_aten(const at::Tensor& input, const at::Tensor& weight, int64
 
 }  // namespace group_conv
 
+namespace {
+
+at::Tensor group_conv3x3_cuda(const at::Tensor& input, const at::Tensor& weight, int64_t groups) {
+  group_conv::check_arguments(input, weight, groups);
+  return group_conv::through_aten(input, weight, groups);
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(dense_ops, CUDA, m) {
-  m.impl("group_conv3x3", &group_conv::through_aten);
+  m.impl("group_conv3x3", &group_conv3x3_cuda);
 }
 
 }  // namespace dense_ops

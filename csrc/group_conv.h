@@ -24,7 +24,8 @@ at::Tensor empty_output(const at::Tensor& input, const at::Tensor& weight);
 // Whether the CPU runs this conv with the direct kernel (else through at::convolution).
 bool uses_direct_kernel(int64_t group_inputs, at::ScalarType dtype);
 
-// The conv through ATen (cuDNN on CUDA, oneDNN on the CPU), for what the direct kernel does not take.
+// The conv, its arguments checked, through ATen (cuDNN on CUDA, oneDNN on the CPU), for what the
+// direct kernel does not take.
 at::Tensor through_aten(const at::Tensor& input, const at::Tensor& weight, int64_t groups);
 
 }  // namespace group_conv

@@ -359,22 +359,18 @@ def autocast_operand(t, device_type):
     return t.to(torch.get_autocast_dtype(device_type))
 
 
-def _condensed_conv_autocast(device_type):
-    def kernel(input, index, scale, shift, weight, groups, out_scale=None, out_shift=None):
-        input, weight = autocast_operand(input, device_type), autocast_operand(weight, device_type)
-        with torch.autocast(device_type, enabled=False):
-            return torch.ops.dense_ops.condensed_conv(input, index, scale, shift, weight, groups, out_scale, out_shift)
-    return kernel
+def _autocast_kernel(op, device_type, cast):
+    """The autocast kernel of `op`: the arguments named in `cast` as autocast operands, then `op` with autocast off."""
+    names = [argument.name for argument in op._schema.arguments]
 
-
-def _group_conv3x3_autocast(device_type):
-    def kernel(input, weight, groups):
-        input, weight = autocast_operand(input, device_type), autocast_operand(weight, device_type)
+    def kernel(*args):
+        args = [autocast_operand(a, device_type) if name in cast else a for name, a in zip(names, args)]
         with torch.autocast(device_type, enabled=False):
-            return torch.ops.dense_ops.group_conv3x3(input, weight, groups)
+            return op(*args)
     return kernel
 
 
 for _device_type, _key in _AUTOCAST_KEYS.items():
-    _autocast_library.impl("condensed_conv", _condensed_conv_autocast(_device_type), _key)
-    _autocast_library.impl("group_conv3x3", _group_conv3x3_autocast(_device_type), _key)
+    for _name in ("condensed_conv", "group_conv3x3"):
+        _op = getattr(torch.ops.dense_ops, _name).default
+        _autocast_library.impl(_name, _autocast_kernel(_op, _device_type, cast=("input", "weight")), _key)
