@@ -80,6 +80,7 @@ def test_baseline_isa_kernels_pass_the_reference_tests():
     selected = ["test_dense_block.py::test_matches_naive_float64", "test_dense_block.py::test_nan_propagates_like_naive",
                 "test_dense_block.py::test_low_precision_training_step_as_accurate_as_naive",
                 "test_condense.py::test_condensed_conv_matches_reference",
+                "test_condense.py::test_group_conv3x3_matches_conv2d",
                 "test_parallel.py::test_results_are_bitwise_identical_for_any_thread_count",
                 "test_parallel.py::test_cpu_kernel_isa_follows_torchs_capability"]
     package_root = os.path.dirname(os.path.dirname(dense_ops.__file__))  # the same build as this process
@@ -106,5 +107,16 @@ def test_condensed_conv_is_bitwise_identical_for_any_thread_count(channels_last,
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
         results.append(dense_ops.ops.condensed_conv(x, *args))
+    for got in results[1:]:
+        assert torch.equal(got, results[0])
+
+
+def test_group_conv3x3_is_bitwise_identical_for_any_thread_count(restore_threads):
+    x = torch.randn(1, 16, 45, 37)  # one image, 2 groups of 8 inputs: the bands follow the thread count
+    weight = torch.randn(6, 8, 3, 3)
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results.append(dense_ops.ops.group_conv3x3(x, weight, 2))
     for got in results[1:]:
         assert torch.equal(got, results[0])
