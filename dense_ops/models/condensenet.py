@@ -21,7 +21,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch._prims_common import suggest_memory_format
 
