@@ -46,6 +46,11 @@ inline int64_t params_per_layer(bool bottleneck) { return bottleneck ? kNumLayer
 enum class Recompute { kBnRelu, kBottleneck };
 Recompute parse_recompute(c10::string_view level);
 
+// Whether a dense tensor is laid out channels-last: the layout flag its kernels take.
+inline bool is_channels_last(const at::Tensor& x) {
+  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
 // All tensors passed to a kernel are 4-D [N, C, H, W] views laid out either NCHW-like
 // (unit stride over H*W) or channels-last (unit stride over C), as `channels_last` says.
 struct BnKernels {

@@ -42,8 +42,6 @@ at::Tensor empty_pooled(const at::Tensor& x) {
                    x.options().memory_format(x.suggest_memory_format()));
 }
 
-bool is_channels_last(const at::Tensor& x) { return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast; }
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_forward(const at::Tensor& input, const at::Tensor& weight,
