@@ -157,10 +157,15 @@ ForwardResult dense_block_forward(const at::Tensor& input, at::TensorList params
     }
     if (dropout_mask.has_value()) new_features.mul_(dropout_mask->narrow(1, l * shape.growth, shape.growth));
     const int64_t channels = shape.channels(l);
-    block.features.narrow(1, channels, shape.growth).copy_(new_features);
-    if (training) {  // from the convolution's own dense output: channels-last slots are rows with gaps
-      take_moments(new_features, block.batch_mean.narrow(0, channels, shape.growth),
-                   block.batch_var.narrow(0, channels, shape.growth), is_channels_last(new_features));
+    const at::Tensor slot = block.features.narrow(1, channels, shape.growth);
+    slot.copy_(new_features);
+    if (training) {
+      // An NCHW slot is contiguous planes; a channels-last one is rows with gaps, so there the
+      // statistics come from the convolution's own dense output (the same values).
+      const at::Tensor& written = block.channels_last ? new_features : slot;
+      take_moments(written, block.batch_mean.narrow(0, channels, shape.growth),
+                   block.batch_var.narrow(0, channels, shape.growth),
+                   block.channels_last ? is_channels_last(new_features) : false);
     }
   }
   return {block.features, block.batch_mean, block.batch_var, saved_bottleneck, block.bottleneck_mean,
