@@ -8,6 +8,7 @@
 #include <string>
 
 #include "block.h"
+#include "parallel_chunks.h"
 
 namespace dense_ops {
 
@@ -81,23 +82,22 @@ at::Tensor weight_matrix(const at::Tensor& weight) { return weight.reshape({weig
 at::Tensor samples_matrix(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).view({-1, t.size(1)}).t(); }
 
 // Runs body(slot, range, n, samples) for every group of at most block.samples_per_gemm samples
-// from n on: the batch split into block.sample_ranges contiguous ranges, the ranges on parallel
-// threads and the groups of a range in order, serially: one large parallel region instead of
-// several small ones per group. The split depends on neither the thread count nor scheduling, so
-// per-range partial sums add up deterministically. `slot` is the running thread's scratch group:
+// from n on: the batch split into block.sample_ranges contiguous ranges, the threads claiming
+// ranges as they go (parallel_chunks) and running the groups of a range in order: one large
+// parallel region instead of several small ones per group. The split depends on neither the thread
+// count nor scheduling, so per-range partial sums add up deterministically. `slot` is the running
+// thread's scratch group:
 // a parallel region numbers its threads below min(threads, ranges), the scratch's size; one that
 // runs inline (nested in another region) runs every range on one thread.
 template <typename Body>
 void for_sample_groups(const Block& block, const Body& body) {
   const int64_t ranges = block.sample_ranges, batch = block.shape.batch, group = block.samples_per_gemm;
   const at::ThreadLocalState caller;  // worker threads run our ATen calls as the caller does (below autograd)
-  at::parallel_for(0, ranges, 1, [&](int64_t range_begin, int64_t range_end) {
+  parallel_chunks(ranges, [&](int64_t range) {
     const at::ThreadLocalStateGuard as_caller(caller);
     const int64_t slot = at::get_thread_num() % (block.scratch_samples / group);
-    for (int64_t range = range_begin; range < range_end; ++range) {
-      const int64_t n_end = batch * (range + 1) / ranges;
-      for (int64_t n = batch * range / ranges; n < n_end; n += group) body(slot, range, n, std::min(group, n_end - n));
-    }
+    const int64_t n_end = batch * (range + 1) / ranges;
+    for (int64_t n = batch * range / ranges; n < n_end; n += group) body(slot, range, n, std::min(group, n_end - n));
   });
 }
 

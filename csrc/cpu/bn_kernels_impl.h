@@ -14,6 +14,7 @@
 #include "common/bn_math.h"
 #include "cpu/static_flags.h"
 #include "dense_block.h"
+#include "parallel_chunks.h"
 #include "cpu/isa_target.h"  // last: it sets the ISA of the code below
 
 DENSE_OPS_ISA_BEGIN
@@ -74,10 +75,21 @@ constexpr int64_t kParallelGrain = 32768;
 // The threads split the channels in NCHW, where a channel's pixels are contiguous, and the pixels
 // in channels-last, where a pixel's channels are: either way no two threads write one cache line.
 
+// Runs range(begin, end) over [0, items) split into chunks of at least `grain` items, about
+// kChunksPerThread a thread, claimed by the threads as they go (parallel_chunks.h).
+constexpr int64_t kChunksPerThread = 8;
+template <typename Range>
+void parallel_ranges(int64_t items, int64_t grain, const Range& range) {
+  const int64_t wanted = kChunksPerThread * at::get_num_threads();
+  const int64_t chunk = std::max({int64_t(1), grain, (items + wanted - 1) / wanted});
+  parallel_chunks((items + chunk - 1) / chunk,
+                  [&](int64_t i) { range(i * chunk, std::min(items, (i + 1) * chunk)); });
+}
+
 // Runs chunk(c_begin, c_end) in parallel over channel ranges of a useful size (NCHW).
 template <typename Chunk>
 void parallel_over_channels(const Extent& e, const Chunk& chunk) {
-  at::parallel_for(0, e.channels, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(1, e.per_channel())), chunk);
+  parallel_ranges(e.channels, kParallelGrain / std::max<int64_t>(1, e.per_channel()), chunk);
 }
 
 // Runs pixel(n, s) for pixels [p_begin, p_end) in order, stepping (n, s) without a division per
@@ -95,8 +107,7 @@ void for_each_pixel(const Extent& e, int64_t p_begin, int64_t p_end, const Pixel
 template <typename Pixel>
 void parallel_over_pixels(const Extent& e, const Pixel& pixel) {
   const int64_t grain = std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(1, e.channels));
-  at::parallel_for(0, e.per_channel(), grain,
-                   [&](int64_t p_begin, int64_t p_end) { for_each_pixel(e, p_begin, p_end, pixel); });
+  parallel_ranges(e.per_channel(), grain, [&](int64_t p_begin, int64_t p_end) { for_each_pixel(e, p_begin, p_end, pixel); });
 }
 
 // Channels-last reductions: the pixels split into at most kPixelBlocks fixed blocks, and the
@@ -108,9 +119,7 @@ std::vector<sum_t> sum_over_pixel_blocks(const Extent& e, int64_t width, const A
   const int64_t pixels = e.per_channel();
   const int64_t blocks = std::clamp<int64_t>(pixels / kMinBlockPixels, 1, kPixelBlocks);
   std::vector<sum_t> partial(blocks * width, sum_t(0)), total(width, sum_t(0));
-  at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
-    for (int64_t b = b_begin; b < b_end; ++b) add_block(pixels * b / blocks, pixels * (b + 1) / blocks, &partial[b * width]);
-  });
+  parallel_chunks(blocks, [&](int64_t b) { add_block(pixels * b / blocks, pixels * (b + 1) / blocks, &partial[b * width]); });
   for (int64_t b = 0; b < blocks; ++b)
     for (int64_t i = 0; i < width; ++i) total[i] += partial[b * width + i];
   return total;
