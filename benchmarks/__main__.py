@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep-timing", action=argparse.BooleanOptionalAction,
                         help="time the depth sweep's rows (default: --full and --smoke; without it the sweep "
                              "and the search measure memory only)")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="processes that each keep a core busy while every row runs: a shared machine "
+                             "(default 0; the tables say how many)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration")
     args = parser.parse_args(argv)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.size == "full" else 0)
@@ -76,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.rounds > args.repeats:
         parser.error(f"--rounds ({args.rounds}) must not exceed --repeats ({args.repeats}): every round times a step")
+    if args.busy < 0:
+        parser.error(f"--busy must be >= 0, got {args.busy}")
     if args.min_time < 0:
         parser.error(f"--min-time must be >= 0, got {args.min_time}")
     if args.warmup < 0:
@@ -90,16 +95,17 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("--device cuda: no CUDA device is available", file=sys.stderr)
             return 2
-    machine = runner.machine_info(args.device, args.threads)
+    machine = runner.machine_info(args.device, args.threads, args.busy)
     out = args.out or runner.REPO_ROOT / "benchmarks" / "results" / runner.machine_id(machine)
     out.mkdir(parents=True, exist_ok=True)
     configs = [config for name in (args.only or SIZES[args.size]["suites"]) for config in SUITES[name](args)]
     print(f"{len(configs)} configurations on {report.machine_line(machine)}", file=sys.stderr)
 
-    records = runner.run_all(configs, args.timeout)
     budget = args.budget_gib * 2**30
-    if args.depth_search and any(r["suite"] == "depth" for r in records):
-        records += depth_search.run_searches(records, budget, args.timeout)
+    with runner.busy_processes(args.busy):
+        records = runner.run_all(configs, args.timeout)
+        if args.depth_search and any(r["suite"] == "depth" for r in records):
+            records += depth_search.run_searches(records, budget, args.timeout)
 
     options = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     report.write_json(out / "results.json", records, machine, options, budget)  # first: the raw figures

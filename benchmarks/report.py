@@ -296,8 +296,10 @@ def machine_line(machine: dict) -> str:
     gpu = f", GPU {machine['gpu']}" if machine["gpu"] else ""
     commit = machine["git_commit"]
     commit = commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")  # uncommitted changes were measured
-    return (f"{machine['cpu']} ({machine['cores']} cores, {machine['threads']} threads{gpu}), torch {machine['torch']},"
-            f" dense_ops {machine['dense_ops']} at {commit}")
+    busy = machine.get("busy_processes", 0)  # absent from results written before --busy existed
+    beside = f", beside {busy} busy process{'es' if busy > 1 else ''}" if busy else ""
+    return (f"{machine['cpu']} ({machine['cores']} cores, {machine['threads']} threads{gpu}{beside}), "
+            f"torch {machine['torch']}, dense_ops {machine['dense_ops']} at {commit}")
 
 
 def print_tables(tables: list[dict], machine: dict) -> None:

@@ -6,12 +6,14 @@ clean heap without paying the import time again.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import os
 import platform
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -118,6 +120,19 @@ def _runs(config: dict, result: dict, kind: str, round_index: int) -> bool:
     return config.get("timed", True) and round_index < config.get("rounds", 1)
 
 
+@contextlib.contextmanager
+def busy_processes(count: int):
+    """`count` processes that each keep a core busy (a Python loop) until the block ends: the load of
+    a shared machine, which the timed steps then run beside. Yields the processes."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield spinners
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -144,7 +159,7 @@ def _git_commit() -> str:
     return commit + ("-dirty" if dirty else "")
 
 
-def machine_info(device: str, threads: int) -> dict:
+def machine_info(device: str, threads: int, busy: int = 0) -> dict:
     import dense_ops
     import torchvision
     gpu = torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() else None
@@ -152,7 +167,7 @@ def machine_info(device: str, threads: int) -> dict:
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "dense_ops": dense_ops.__version__,
-            "git_commit": _git_commit()}
+            "git_commit": _git_commit(), "busy_processes": busy}
 
 
 def machine_id(info: dict) -> str:

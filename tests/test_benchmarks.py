@@ -77,6 +77,18 @@ def test_fast_steps_are_timed_for_at_least_min_time(tmp_path):
     assert f"of {len(samples)} timed steps" in (tmp_path / "results.md").read_text()
 
 
+def test_busy_processes_load_the_machine_while_the_rows_run(tmp_path):
+    from benchmarks.runner import busy_processes
+    with busy_processes(2) as spinners:
+        assert len(spinners) == 2 and all(spinner.poll() is None for spinner in spinners)
+    assert all(spinner.returncode is not None for spinner in spinners)  # gone once the block ends
+    results = run_benchmarks(tmp_path, "--only", "block", "--formats", "contiguous", "--impls", "naive",
+                             "--repeats", "1", "--busy", "1")
+    assert results["machine"]["busy_processes"] == 1
+    assert_measured_and_checked(results["records"])
+    assert "beside 1 busy process)" in (tmp_path / "results.md").read_text()
+
+
 def test_rounds_must_not_exceed_the_timed_steps(capsys):
     from benchmarks.__main__ import parse_args
     assert parse_args(["--full"]).rounds == 2 and parse_args(["--quick"]).rounds == 1
