@@ -86,9 +86,8 @@ at::Tensor samples_matrix(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).
 // ranges as they go (parallel_chunks) and running the groups of a range in order: one large
 // parallel region instead of several small ones per group. The split depends on neither the thread
 // count nor scheduling, so per-range partial sums add up deterministically. `slot` is the running
-// thread's scratch group:
-// a parallel region numbers its threads below min(threads, ranges), the scratch's size; one that
-// runs inline (nested in another region) runs every range on one thread.
+// thread's scratch group: a parallel region numbers its threads below min(threads, ranges), the
+// scratch's size; one that runs inline (nested in another region) runs every range on one thread.
 template <typename Body>
 void for_sample_groups(const Block& block, const Body& body) {
   const int64_t ranges = block.sample_ranges, batch = block.shape.batch, group = block.samples_per_gemm;
