@@ -61,6 +61,12 @@ void Block::allocate_scratch() {
   scratch = at::empty({scratch_samples * scratch_stride()}, features.options());
 }
 
+int64_t Block::rows_per_gemm(int64_t l) const {
+  if (samples_per_gemm > 1) return shape.height;  // whole samples below kGemmPixels
+  const int64_t row_bytes = shape.channels(l) * shape.width * features.element_size();
+  return std::clamp<int64_t>(kGroupBytes / row_bytes, 1, shape.height);
+}
+
 namespace {
 
 // acc += a @ b, accumulated in acc's dtype (float32 for float16/bfloat16 operands).
@@ -81,45 +87,58 @@ at::Tensor weight_matrix(const at::Tensor& weight) { return weight.reshape({weig
 // NCHW sample is too).
 at::Tensor samples_matrix(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).view({-1, t.size(1)}).t(); }
 
-// Runs body(slot, range, n, samples) for every group of at most block.samples_per_gemm samples
-// from n on: the batch split into block.sample_ranges contiguous ranges, the threads claiming
-// ranges as they go (parallel_chunks) and running the groups of a range in order: one large
-// parallel region instead of several small ones per group. The split depends on neither the thread
-// count nor scheduling, so per-range partial sums add up deterministically. `slot` is the running
-// thread's scratch group: a parallel region numbers its threads below min(threads, ranges), the
-// scratch's size; one that runs inline (nested in another region) runs every range on one thread.
+// One GEMM's share of the batch: image rows [row, row + rows) of `samples` samples from n on.
+struct SampleGroup {
+  int64_t n, samples, row, rows;
+  at::Tensor of(const at::Tensor& t) const { return t.narrow(0, n, samples).narrow(2, row, rows); }
+};
+
+// Runs body(slot, range, group) for every SampleGroup of layer l: the batch split into
+// block.sample_ranges contiguous ranges, the threads claiming ranges as they go (parallel_chunks)
+// and running the groups of a range in order: one large parallel region instead of several small
+// ones per group. A group is at most block.samples_per_gemm samples, or one band of a sample's rows
+// (Block::rows_per_gemm). The split depends on neither the thread count nor scheduling, so
+// per-range partial sums add up deterministically. `slot` is the running thread's scratch group: a
+// parallel region numbers its threads below min(threads, ranges), the scratch's size; one that
+// runs inline (nested in another region) runs every range on one thread.
 template <typename Body>
-void for_sample_groups(const Block& block, const Body& body) {
+void for_sample_groups(const Block& block, int64_t l, const Body& body) {
   const int64_t ranges = block.sample_ranges, batch = block.shape.batch, group = block.samples_per_gemm;
+  const int64_t height = block.shape.height, rows = block.rows_per_gemm(l);
   const at::ThreadLocalState caller;  // worker threads run our ATen calls as the caller does (below autograd)
   parallel_chunks(ranges, [&](int64_t range) {
     const at::ThreadLocalStateGuard as_caller(caller);
     const int64_t slot = at::get_thread_num() % (block.scratch_samples / group);
     const int64_t n_end = batch * (range + 1) / ranges;
-    for (int64_t n = batch * range / ranges; n < n_end; n += group) body(slot, range, n, std::min(group, n_end - n));
+    for (int64_t n = batch * range / ranges; n < n_end; n += group) {
+      for (int64_t row = 0; row < height; row += rows) {
+        body(slot, range, SampleGroup{n, std::min(group, n_end - n), row, std::min(rows, height - row)});
+      }
+    }
   });
 }
 
-// The BN1-ReLU output of layer l for the group of `samples` samples in scratch slot `slot`, laid
-// out as one samples_matrix: channels-last, or channel-major over the samples for an NCHW block
-// (each sample's plane of a channel is still contiguous, as the NCHW kernels need).
-at::Tensor group_z1(const Block& block, int64_t l, int64_t slot, int64_t samples) {
-  if (block.channels_last) return block.z1(l, slot * block.samples_per_gemm, samples);
+// The BN1-ReLU output of layer l for group g in scratch slot `slot`, laid out as one
+// samples_matrix: channels-last, or channel-major over the samples for an NCHW block (each
+// sample's plane of a channel is still contiguous, as the NCHW kernels need).
+at::Tensor group_z1(const Block& block, int64_t l, int64_t slot, const SampleGroup& g) {
   const BlockShape& shape = block.shape;
-  const int64_t channels = shape.channels(l);
-  return block.scratch.narrow(0, slot * block.samples_per_gemm * block.scratch_stride(),
-                              channels * samples * shape.pixels_per_sample())
-      .view({channels, samples, shape.height, shape.width})
+  const int64_t channels = shape.channels(l), offset = slot * block.samples_per_gemm * block.scratch_stride();
+  if (block.channels_last) {
+    return channels_view(block.scratch, offset, g.samples, channels, g.rows, shape.width, block.format);
+  }
+  return block.scratch.narrow(0, offset, channels * g.samples * g.rows * shape.width)
+      .view({channels, g.samples, g.rows, shape.width})
       .transpose(0, 1);
 }
 
 void forward_per_sample(const Block& block, int64_t l, const at::Tensor& out) {
   const BnParams bn1 = block.bn1(l);
   const at::Tensor weight = weight_matrix(block.weight(l, kConv1Weight)), x = block.inputs(l);
-  for_sample_groups(block, [&](int64_t slot, int64_t, int64_t n, int64_t samples) {
-    const at::Tensor z = group_z1(block, l, slot, samples);
-    block.kernels.bn_relu_forward(x.narrow(0, n, samples), bn1, z, block.channels_last);
-    at::Tensor out_matrix = samples_matrix(out.narrow(0, n, samples));
+  for_sample_groups(block, l, [&](int64_t slot, int64_t, const SampleGroup& g) {
+    const at::Tensor z = group_z1(block, l, slot, g);
+    block.kernels.bn_relu_forward(g.of(x), bn1, z, block.channels_last);
+    at::Tensor out_matrix = samples_matrix(g.of(out));
     at::mm_out(out_matrix, weight, samples_matrix(z));
   });
 }
@@ -135,14 +154,14 @@ void backward_per_sample(const Block& block, int64_t l, const at::Tensor& grad_o
   const at::Tensor partial_sums = at::zeros({ranges, 2, channels}, sum_dy.options());
   const at::Tensor partial_grad_conv1 =
       grad_conv1.defined() ? at::zeros({ranges, grad_conv1.size(0), channels}, grad_conv1.options()) : at::Tensor();
-  for_sample_groups(block, [&](int64_t slot, int64_t range, int64_t n, int64_t samples) {
-    const at::Tensor z = group_z1(block, l, slot, samples), z_matrix = samples_matrix(z);
-    const at::Tensor x_group = x.narrow(0, n, samples), grad_matrix = samples_matrix(grad_out.narrow(0, n, samples));
+  for_sample_groups(block, l, [&](int64_t slot, int64_t range, const SampleGroup& g) {
+    const at::Tensor z = group_z1(block, l, slot, g), z_matrix = samples_matrix(z);
+    const at::Tensor x_group = g.of(x), grad_matrix = samples_matrix(g.of(grad_out));
     block.kernels.bn_relu_forward(x_group, bn1, z, block.channels_last);
     if (grad_conv1.defined()) add_matmul(partial_grad_conv1[range], grad_matrix, z_matrix.t());
     at::Tensor dz_matrix = z_matrix;  // z now receives the gradient of the BN1-ReLU output
     at::mm_out(dz_matrix, weight.t(), grad_matrix);
-    block.kernels.bn_relu_backward(x_group, z, bn1, acc_inputs.narrow(0, n, samples), accumulate,
+    block.kernels.bn_relu_backward(x_group, z, bn1, g.of(acc_inputs), accumulate,
                                    partial_sums[range][0], partial_sums[range][1], block.channels_last);
   });
   const at::Tensor sums = partial_sums.sum(0);

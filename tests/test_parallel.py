@@ -38,17 +38,21 @@ def test_extension_parallel_for_uses_torchs_threads(restore_threads):
 
 @pytest.mark.parametrize("recompute", ["bn_relu", "bottleneck"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("batch", [5, 37], ids=["5_ranges", "16_ranges"])  # 37: GEMMs of 2-3 samples
-def test_results_are_bitwise_identical_for_any_thread_count(recompute, channels_last, batch, restore_threads):
-    _, ours = block_pair(num_layers=3, in_channels=6, bn_size=2, growth=4, dtype=torch.float32, recompute=recompute)
-    x = torch.randn(batch, 6, 9, 9)
+# (batch, input channels, size): 37 samples make GEMMs of 2-3 samples; one 32x32 sample of 144
+# float32 channels (576 KiB) runs as bands of rows (block.h's kGroupBytes).
+@pytest.mark.parametrize("shape", [(5, 6, 9), (37, 6, 9), (5, 144, 32)], ids=["5_ranges", "16_ranges", "row_bands"])
+def test_results_are_bitwise_identical_for_any_thread_count(recompute, channels_last, shape, restore_threads):
+    batch, channels, size = shape
+    _, ours = block_pair(num_layers=3, in_channels=channels, bn_size=2, growth=4, dtype=torch.float32,
+                         recompute=recompute)
+    x = torch.randn(batch, channels, size, size)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(batch, 6 + 3 * 4, 9, 9)
+    grad = torch.randn(batch, channels + 3 * 4, size, size)
     results = []
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
-        block = ours.__class__(3, 6, 2, 4, 0.0, recompute=recompute)
+        block = ours.__class__(3, channels, 2, 4, 0.0, recompute=recompute)
         block.load_state_dict(ours.state_dict())
         results.append(run_step(block, x, grad))
     for got in results[1:]:

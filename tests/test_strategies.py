@@ -15,8 +15,8 @@ def strategy(request, monkeypatch):
     return request.param
 
 
-def compare(naive, ours, x):
-    grad = torch.randn(x.shape[0], 6 + 3 * 4, *x.shape[2:], dtype=x.dtype, device=x.device)
+def compare(naive, ours, x, out_channels=6 + 3 * 4):
+    grad = torch.randn(x.shape[0], out_channels, *x.shape[2:], dtype=x.dtype, device=x.device)
     expected, got = run_step(naive, x, grad), run_step(ours, x, grad)
     for a, b in zip(got[:2], expected[:2]):
         torch.testing.assert_close(a, b, **F64)
@@ -50,6 +50,17 @@ def test_per_sample_gemms_over_groups_of_samples_match_naive(monkeypatch, recomp
     naive.train(training), ours.train(training)
     x = torch.randn(37, 6, 5, 5, dtype=torch.float64)
     compare(naive, ours, x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+
+
+@pytest.mark.parametrize("recompute", ["bn_relu", "bottleneck"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_per_sample_gemms_over_bands_of_rows_match_naive(monkeypatch, recompute, channels_last):
+    # One 32x32 sample of 72 float64 channels is 576 KiB, over block.h's kGroupBytes (512 KiB):
+    # its GEMMs run over bands of 28 and 4 rows (26 and 6 for the second layer's 76 channels).
+    monkeypatch.setenv("DENSE_OPS_BOTTLENECK", "per_sample")
+    naive, ours = block_pair(num_layers=2, in_channels=72, bn_size=2, growth=4, recompute=recompute)
+    x = torch.randn(3, 72, 32, 32, dtype=torch.float64)
+    compare(naive, ours, x.contiguous(memory_format=torch.channels_last) if channels_last else x, out_channels=72 + 2 * 4)
 
 
 def test_bad_strategy_names_the_variable(monkeypatch):
