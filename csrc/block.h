@@ -19,10 +19,17 @@ namespace dense_ops {
 // Chosen per device by bottleneck_strategy(); DENSE_OPS_BOTTLENECK=batched|per_sample forces one.
 enum class BottleneckStrategy { kPerSample, kBatched };
 
-// kPerSample splits the batch into this many sample ranges (fewer for a smaller batch), whatever
-// the thread count, so that per-range partial sums, added in range order, give bitwise the same
-// gradients for any number of threads. The ranges share one scratch group per thread.
+// kPerSample splits the batch into this many sample ranges (fewer for a smaller batch; a batch of
+// one sample into ranges of its rows), whatever the thread count, so that per-range partial sums,
+// added in range order, give bitwise the same gradients for any number of threads. The ranges
+// share one scratch group per thread.
 constexpr int64_t kSampleRanges = 16;
+// Fewer ranges (but two, where there are two samples or rows) where a range would hold fewer
+// pixels than this: a GEMM over fewer runs far below the large-GEMM rate (densenet121's 7x7 block
+// at batch 8 ran 8-18% faster as 2 ranges of 4 samples than as 8 ranges of one 49-pixel sample).
+// Two ranges keep the GEMMs inside a parallel region, single-threaded: MKL's small GEMMs,
+// threaded outside one, round differently for different thread counts.
+constexpr int64_t kMinRangePixels = 128;
 // kPerSample runs its GEMMs over groups of a range's consecutive samples of about this many pixels
 // (at least one sample): one 8x8 sample's GEMM is too small to run at the large-GEMM rate, while a
 // group of this size still fits in L2 beside its BN1-ReLU output. The group size depends only on

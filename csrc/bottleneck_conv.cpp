@@ -49,9 +49,16 @@ void Block::allocate_scratch() {
   if (!bottleneck) {
     scratch_samples = shape.batch;
   } else if (strategy == BottleneckStrategy::kPerSample) {
-    sample_ranges = std::min(shape.batch, kSampleRanges);
+    const int64_t pixels = std::max<int64_t>(1, shape.pixels_per_sample());
+    if (shape.batch == 1) {  // ranges of the sample's rows
+      sample_ranges = std::clamp<int64_t>(pixels / kMinRangePixels, std::min<int64_t>(shape.height, 2),
+                                          std::min(shape.height, kSampleRanges));
+    } else {
+      const int64_t min_range_samples = (kMinRangePixels + pixels - 1) / pixels;
+      sample_ranges = std::clamp<int64_t>(shape.batch / min_range_samples, 2, kSampleRanges);
+    }
     const int64_t range_samples = (shape.batch + sample_ranges - 1) / sample_ranges;
-    const int64_t group = kGemmPixels / std::max<int64_t>(1, shape.pixels_per_sample());
+    const int64_t group = kGemmPixels / pixels;
     samples_per_gemm = std::clamp<int64_t>(group, 1, range_samples);
     scratch_samples = std::min<int64_t>(sample_ranges, at::get_num_threads()) * samples_per_gemm;
   } else {
@@ -106,13 +113,16 @@ void for_sample_groups(const Block& block, int64_t l, const Body& body) {
   const int64_t ranges = block.sample_ranges, batch = block.shape.batch, group = block.samples_per_gemm;
   const int64_t height = block.shape.height, rows = block.rows_per_gemm(l);
   const at::ThreadLocalState caller;  // worker threads run our ATen calls as the caller does (below autograd)
+  const bool row_ranges = batch == 1;  // a range is some of the rows of the batch's one sample
   parallel_chunks(ranges, [&](int64_t range) {
     const at::ThreadLocalStateGuard as_caller(caller);
     const int64_t slot = at::get_thread_num() % (block.scratch_samples / group);
-    const int64_t n_end = batch * (range + 1) / ranges;
-    for (int64_t n = batch * range / ranges; n < n_end; n += group) {
-      for (int64_t row = 0; row < height; row += rows) {
-        body(slot, range, SampleGroup{n, std::min(group, n_end - n), row, std::min(rows, height - row)});
+    const int64_t n_begin = row_ranges ? 0 : batch * range / ranges, n_end = row_ranges ? 1 : batch * (range + 1) / ranges;
+    const int64_t row_begin = row_ranges ? height * range / ranges : 0;
+    const int64_t row_end = row_ranges ? height * (range + 1) / ranges : height;
+    for (int64_t n = n_begin; n < n_end; n += group) {
+      for (int64_t row = row_begin; row < row_end; row += rows) {
+        body(slot, range, SampleGroup{n, std::min(group, n_end - n), row, std::min(rows, row_end - row)});
       }
     }
   });

@@ -38,9 +38,11 @@ def test_extension_parallel_for_uses_torchs_threads(restore_threads):
 
 @pytest.mark.parametrize("recompute", ["bn_relu", "bottleneck"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-# (batch, input channels, size): 37 samples make GEMMs of 2-3 samples; one 32x32 sample of 144
-# float32 channels (576 KiB) runs as bands of rows (block.h's kGroupBytes).
-@pytest.mark.parametrize("shape", [(5, 6, 9), (37, 6, 9), (5, 144, 32)], ids=["5_ranges", "16_ranges", "row_bands"])
+# (batch, input channels, size), block.h: 5 samples of 9x9 make 2 ranges (kMinRangePixels), 37
+# make 16 and GEMMs of 2-3 samples; one 32x32 sample of 144 float32 channels (576 KiB) runs as bands
+# of rows (kGroupBytes); one 33x33 sample makes 8 ranges of its rows.
+@pytest.mark.parametrize("shape", [(5, 6, 9), (37, 6, 9), (5, 144, 32), (1, 6, 33)],
+                         ids=["2_ranges", "16_ranges", "row_bands", "ranges_of_rows"])
 def test_results_are_bitwise_identical_for_any_thread_count(recompute, channels_last, shape, restore_threads):
     batch, channels, size = shape
     _, ours = block_pair(num_layers=3, in_channels=channels, bn_size=2, growth=4, dtype=torch.float32,

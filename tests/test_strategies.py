@@ -42,13 +42,15 @@ def test_strategy_matches_naive(strategy, monkeypatch, recompute, training, chan
 @pytest.mark.parametrize("recompute", ["bn_relu", "bottleneck"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_per_sample_gemms_over_groups_of_samples_match_naive(monkeypatch, recompute, training, channels_last):
-    # 37 samples make 16 ranges of 2 or 3; 5x5 samples are small enough that a range's samples
-    # run as one GEMM (block.h, kGemmPixels).
+# (batch, size), block.h: 37 samples of 5x5 make 6 ranges of at least 128 pixels (kMinRangePixels),
+# 6 or 7 samples, each range's samples one GEMM (kGemmPixels); one 9x9 sample makes 2 ranges of rows.
+@pytest.mark.parametrize("shape", [(37, 5), (1, 9)], ids=["groups_of_samples", "ranges_of_rows"])
+def test_per_sample_gemms_over_groups_match_naive(monkeypatch, recompute, training, channels_last, shape):
     monkeypatch.setenv("DENSE_OPS_BOTTLENECK", "per_sample")
     naive, ours = block_pair(num_layers=3, in_channels=6, bn_size=2, growth=4, recompute=recompute)
     naive.train(training), ours.train(training)
-    x = torch.randn(37, 6, 5, 5, dtype=torch.float64)
+    batch, size = shape
+    x = torch.randn(batch, 6, size, size, dtype=torch.float64)
     compare(naive, ours, x.contiguous(memory_format=torch.channels_last) if channels_last else x)
 
 
