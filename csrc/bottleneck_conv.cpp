@@ -117,7 +117,8 @@ void for_sample_groups(const Block& block, int64_t l, const Body& body) {
   parallel_chunks(ranges, [&](int64_t range) {
     const at::ThreadLocalStateGuard as_caller(caller);
     const int64_t slot = at::get_thread_num() % (block.scratch_samples / group);
-    const int64_t n_begin = row_ranges ? 0 : batch * range / ranges, n_end = row_ranges ? 1 : batch * (range + 1) / ranges;
+    const int64_t n_begin = row_ranges ? 0 : batch * range / ranges;
+    const int64_t n_end = row_ranges ? 1 : batch * (range + 1) / ranges;
     const int64_t row_begin = row_ranges ? height * range / ranges : 0;
     const int64_t row_end = row_ranges ? height * (range + 1) / ranges : height;
     for (int64_t n = n_begin; n < n_end; n += group) {

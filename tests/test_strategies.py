@@ -62,7 +62,8 @@ def test_per_sample_gemms_over_bands_of_rows_match_naive(monkeypatch, recompute,
     monkeypatch.setenv("DENSE_OPS_BOTTLENECK", "per_sample")
     naive, ours = block_pair(num_layers=2, in_channels=72, bn_size=2, growth=4, recompute=recompute)
     x = torch.randn(3, 72, 32, 32, dtype=torch.float64)
-    compare(naive, ours, x.contiguous(memory_format=torch.channels_last) if channels_last else x, out_channels=72 + 2 * 4)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    compare(naive, ours, x, out_channels=72 + 2 * 4)
 
 
 def test_bad_strategy_names_the_variable(monkeypatch):
